@@ -1,0 +1,107 @@
+"""Shared config pieces: the ASEN++ base config and the `:arg` parser.
+
+Every dataset config is `get_config(arg)` with `arg` = `global` or `joint`, optionally
+followed by `key=value` overrides, e.g. `configs/fashionai.py:joint,train.batch_size=32`.
+"""
+import ast
+
+import ml_collections
+
+STAGES = ("global", "joint")
+
+
+def parse_arg(arg):
+  """Splits 'stage,key=value,...' into (stage, {key: value})."""
+  parts = [p for p in (arg or "global").split(",") if p]
+  stage, overrides = parts[0], {}
+  if stage not in STAGES:
+    raise ValueError(f"Config stage must be one of {STAGES}, got {stage!r}; "
+                     "use e.g. configs/fashionai.py:global or :joint.")
+  for part in parts[1:]:
+    if "=" not in part:
+      raise ValueError(f"Config override {part!r} is not of the form key=value.")
+    key, value = part.split("=", 1)
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # Plain strings stay strings.
+    overrides[key] = value
+  return stage, overrides
+
+
+def apply_overrides(config, overrides):
+  for key, value in overrides.items():
+    node, *path = key.split(".")
+    target = config
+    for name in [node] + path[:-1]:
+      if name not in target:
+        raise ValueError(f"Config override {key!r}: no field {name!r}.")
+      target = target[name]
+    leaf = path[-1] if path else node
+    if leaf not in target:
+      raise ValueError(f"Config override {key!r}: no field {leaf!r}.")
+    target[leaf] = value
+  return config
+
+
+def base_config(stage):
+  """The paper's settings (FashionAI); dataset configs override what differs."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+
+  # Data: <data.root>/<data.folder>/ holds the official split files.
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "fashionai"          # tfds builder config
+  c.data.root = "data"               # folder that holds <folder>/
+  c.data.folder = "FashionAI"
+  c.data.tfds_dir = "data/tfds"      # where the array_record dataset is built
+  c.data.attributes = ()             # names, in attribute-index order
+  c.data.num_values = ()             # values per attribute
+  c.data.image_size = 224            # global view: shorter side -> size, centre crop
+  c.data.hires_size = 448            # same field of view, for the on-device RoI crop
+  c.data.worker_count = 2            # grain worker processes
+  c.data.skip_corrupt = False
+
+  c.model = ml_collections.ConfigDict()
+  c.model.global_backbone = "resnet50"
+  c.model.local_backbone = "resnet34"
+  c.model.width = 1.0                # backbone width multiplier (1.0 = torchvision)
+  c.model.attr_dim = 512
+  c.model.global_common_dim = 512
+  c.model.local_common_dim = 256
+  c.model.reduction = 2
+  c.model.embed_dim = 1024
+  c.model.local_size = 112           # RoI crop side fed to the local branch
+  c.model.roi_threshold = 0.1
+  c.model.compute_dtype = "float32"  # bfloat16 on GPU/TPU; params stay float32
+  c.model.init_backbones = ml_collections.ConfigDict()
+  c.model.init_backbones.global_file = ""   # converted torchvision .npz/.pth/.safetensors
+  c.model.init_backbones.local_file = ""
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 16            # triplets per step, global (all devices)
+  c.train.triplets_per_epoch = 100_000
+  c.train.margin = 0.2
+  c.train.log_every = 50
+  c.train.checkpoint_every = 1000    # steps; plus at every epoch end
+  if stage == "global":
+    c.train.epochs = 50
+    c.train.lr = 1e-4
+    c.train.lr_global = 1e-4
+    c.train.decay_rate = 0.9
+    c.train.decay_every_epochs = 3
+  else:
+    c.train.epochs = 20
+    c.train.lr = 1e-4                # local backbone and local heads
+    c.train.lr_global = 1e-5         # global branch incl. the shared attribute embedding
+    c.train.decay_rate = 0.9
+    c.train.decay_every_epochs = 1
+  c.train.loss_weights = ml_collections.ConfigDict(
+      dict(global_triplet=1.0, local_triplet=0.1, alignment=0.1))
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.beta = 0.6
+  c.eval.batch_size = 64
+  c.eval.split = "valid"
+  return c
