@@ -1,0 +1,117 @@
+"""Orbax checkpoints: model variables + JSON metadata, and the training run's state.
+
+Layout of a training workdir:
+  <workdir>/checkpoints/latest/<step>/{model,opt,data,meta}   resume point (optimiser + data iterator)
+  <workdir>/checkpoints/best/<step>/{model,meta}              best validation MAP
+A converted official checkpoint is a manager folder with one step holding {model, meta}.
+`meta` is JSON: attributes, num_values, stage ('global'|'joint'), model (config.model), step, ...
+"""
+import os
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+
+MODEL_ITEMS = ("model", "meta")
+
+
+def _manager(directory, item_names, max_to_keep=None, read_only=False, item_handlers=None):
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_names=item_names, item_handlers=item_handlers)
+
+
+def save_model_variables(directory, variables, meta, step=0):
+  """Writes {'params', 'batch_stats'} and a JSON-able `meta` as one orbax step."""
+  with _manager(directory, MODEL_ITEMS) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(dict(variables)), meta=ocp.args.JsonSave(meta)), force=True)
+    mngr.wait_until_finished()
+
+
+def resolve_model_dir(path, prefer="best"):
+  """Maps a workdir, a checkpoints/ folder or a manager folder to a manager folder."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Checkpoint {path} does not exist; pass a training workdir, a "
+                            "checkpoint folder written by this project, or an official .pth.tar.")
+  order = [prefer, "latest" if prefer == "best" else "best"]
+  for base in (os.path.join(path, "checkpoints"), path):
+    for kind in order:
+      if os.path.isdir(os.path.join(base, kind)):
+        return os.path.join(base, kind)
+  return path
+
+
+def _latest_step(mngr, directory):
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"No finished checkpoint in {directory}; a checkpoint folder holds "
+                            "numbered step folders written by train.py or tools/convert_official.py.")
+  return step
+
+
+def load_model_variables(path, prefer="best", step=None):
+  """Returns (variables as host numpy trees, meta dict, step) from any of our checkpoints."""
+  directory = resolve_model_dir(path, prefer)
+  with _manager(directory, MODEL_ITEMS, read_only=True) as mngr:
+    step = _latest_step(mngr, directory) if step is None else step
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  variables = jax.device_get(dict(restored["model"]))
+  variables.setdefault("batch_stats", {})
+  return variables, dict(restored["meta"]), step
+
+
+class RunCheckpoints:
+  """The latest (full training state) and best-by-MAP (model only) checkpoints of a run."""
+
+  def __init__(self, workdir, keep_latest=2):
+    import grain.checkpoint as grain_ckpt  # Only training needs grain here.
+    self._grain_ckpt = grain_ckpt
+    root = os.path.join(workdir, "checkpoints")
+    self.latest = _manager(os.path.join(root, "latest"), ("model", "opt", "data", "meta"),
+                           max_to_keep=keep_latest,
+                           item_handlers={"data": grain_ckpt.CheckpointHandler()})
+    self.best = _manager(os.path.join(root, "best"), MODEL_ITEMS, max_to_keep=1)
+
+  def latest_step(self):
+    return self.latest.latest_step()
+
+  def best_meta(self):
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def save_latest(self, step, variables, opt, data_iterator, meta):
+    self.latest.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(variables), opt=ocp.args.StandardSave(opt),
+        data=self._grain_ckpt.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta)),
+        force=True)
+    self.latest.wait_until_finished()
+
+  def save_best(self, step, variables, meta):
+    for old in self.best.all_steps():
+      if old != step:
+        self.best.delete(old)
+    self.best.save(step, args=ocp.args.Composite(
+        model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
+    self.best.wait_until_finished()
+
+  def restore_latest(self, abstract_variables, abstract_opt, data_iterator):
+    """Restores the newest training state into the given shapes/shardings and iterator."""
+    step = self.latest.latest_step()
+    restored = self.latest.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_variables),
+        opt=ocp.args.StandardRestore(abstract_opt),
+        data=self._grain_ckpt.CheckpointRestore(data_iterator),
+        meta=ocp.args.JsonRestore()))
+    logging.info("Restored training state of step %d.", step)
+    return restored["model"], restored["opt"], restored["data"], restored["meta"]
+
+  def close(self):
+    self.latest.close()
+    self.best.close()
