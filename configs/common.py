@@ -87,7 +87,6 @@ def base_config(stage):
   c.train.checkpoint_every = 1000    # steps; plus at every epoch end
   c.train.max_steps = 0              # stop after this many steps (0: epochs * steps per epoch)
   c.train.eval_every_epochs = 1      # validation MAP (and best checkpoint) every N epochs
-  c.train.eval_max_queries = 0       # cap on validation queries/candidates per epoch (0: all)
   if stage == "global":
     c.train.epochs = 50
     c.train.lr = 1e-4
