@@ -1,0 +1,146 @@
+"""ResNet-18/34/50 backbones in the torchvision layout, truncated after `num_stages` stages.
+
+NHWC in and out. Padding is explicit and symmetric like PyTorch: Flax 'SAME' pads a stride-2
+layer on an even input as (0, 1), which keeps the shape but changes every number, so pretrained
+torchvision weights would not reproduce. Module names mirror torchvision keys (`layer2_0/conv1`
+is `layer2.0.conv1`; `downsample_conv`/`downsample_bn` are `downsample.0`/`downsample.1`) so that
+`asen_jax.convert` maps them one to one.
+"""
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Blocks per stage and block type; only the first `num_stages` stages are built.
+ARCHS = {
+    "resnet18": ((2, 2, 2, 2), "basic"),
+    "resnet34": ((3, 4, 6, 3), "basic"),
+    "resnet50": ((3, 4, 6, 3), "bottleneck"),
+}
+BASE_PLANES = (64, 128, 256, 512)
+
+# torchvision initialises convs with kaiming_normal(fan_out, relu).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def scaled_channels(channels, width):
+  """`channels * width` rounded to an int, at least 1 (width < 1 gives small test models)."""
+  return max(1, int(round(channels * width)))
+
+
+def output_channels(name, num_stages=3, width=1.0):
+  """Channels of the last stage's output (1024 for resnet50 to layer3, 256 for resnet18/34)."""
+  _, block = _arch(name)
+  planes = scaled_channels(BASE_PLANES[num_stages - 1], width)
+  return planes * (4 if block == "bottleneck" else 1)
+
+
+def _arch(name):
+  if name not in ARCHS:
+    raise ValueError(f"Unknown backbone {name!r}; use one of {', '.join(sorted(ARCHS))}.")
+  return ARCHS[name]
+
+
+def _pad(k):
+  # PyTorch pads k x k convs (k odd) by k // 2 on every side.
+  return ((k // 2, k // 2), (k // 2, k // 2))
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs (ResNet-18/34); stride on the first."""
+  planes: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    s = (self.strides, self.strides)
+    y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = conv(self.planes, (3, 3), padding=_pad(3), name="conv2")(y)
+    y = norm(name="bn2")(y)
+    if self.strides != 1 or x.shape[-1] != self.planes:
+      x = conv(self.planes, (1, 1), s, padding="VALID", name="downsample_conv")(x)
+      x = norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 -> 1x1 (x4) block, stride on the 3x3 conv (torchvision v1.5)."""
+  planes: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x, train):
+    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    out = self.planes * self.expansion
+    s = (self.strides, self.strides)
+    y = conv(self.planes, (1, 1), padding="VALID", name="conv1")(x)
+    y = nn.relu(norm(name="bn1")(y))
+    y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv2")(y)
+    y = nn.relu(norm(name="bn2")(y))
+    y = conv(out, (1, 1), padding="VALID", name="conv3")(y)
+    y = norm(name="bn3")(y)
+    if self.strides != 1 or x.shape[-1] != out:
+      x = conv(out, (1, 1), s, padding="VALID", name="downsample_conv")(x)
+      x = norm(name="downsample_bn")(x)
+    return nn.relu(y + x)
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet without the head, stopping after `num_stages` stages (ASEN: 3)."""
+  stage_sizes: Sequence[int]
+  block: str = "bottleneck"   # 'basic' | 'bottleneck'
+  num_stages: int = 3
+  width: float = 1.0
+  dtype: Any = jnp.float32    # compute dtype; params stay float32
+
+  @nn.compact
+  def __call__(self, x_bhwc, train=False):
+    """(B, H, W, 3) normalised images -> (B, H/16, W/16, C) features for num_stages=3."""
+    block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
+    x = jnp.asarray(x_bhwc, self.dtype)
+    x = nn.Conv(scaled_channels(64, self.width), (7, 7), (2, 2), padding=_pad(7),
+                use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv1")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="bn1")(x)
+    x = nn.relu(x)
+    # Pooling pads with -inf (reduce_window's init value), as PyTorch's max-pool does.
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+    for stage in range(self.num_stages):
+      planes = scaled_channels(BASE_PLANES[stage], self.width)
+      for i in range(self.stage_sizes[stage]):
+        strides = 2 if (stage > 0 and i == 0) else 1
+        x = block_cls(planes, strides, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
+    return x
+
+
+def make_backbone(name, num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
+  """ResNet `name` ('resnet18'|'resnet34'|'resnet50') truncated after `num_stages` stages."""
+  stage_sizes, block = _arch(name)
+  if not 1 <= num_stages <= 4:
+    raise ValueError(f"num_stages must be in 1..4, got {num_stages}.")
+  if not width > 0:
+    raise ValueError(f"Backbone width must be > 0, got {width}.")
+  return ResNet(stage_sizes, block, num_stages, width, dtype, **kwargs)
+
+
+def resnet18(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
+  return make_backbone("resnet18", num_stages, width, dtype, **kwargs)
+
+
+def resnet34(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
+  return make_backbone("resnet34", num_stages, width, dtype, **kwargs)
+
+
+def resnet50(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
+  return make_backbone("resnet50", num_stages, width, dtype, **kwargs)
