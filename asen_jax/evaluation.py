@@ -1,0 +1,108 @@
+"""Embedding extraction over the evaluation streams, and the MAP of a split.
+
+Used by train.py (validation MAP every epoch) and evaluate.py. Embeddings are computed on the device
+mesh (batch on 'data'); the host only sees them once per batch.
+"""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
+from tqdm import tqdm
+
+from asen_jax import data as data_lib
+from asen_jax import model as model_lib
+from asen_jax import parallel
+from asen_jax import retrieval
+from asen_jax import roi
+
+
+def retrieval_embedding(variables, images, hires, attributes, *, model, joint, frame_size,
+                        local_size, threshold, beta):
+  """uint8 views -> (retrieval embedding, global attention map, RoI boxes in frame pixels)."""
+  x = model_lib.normalize_images(images)
+  g, attmap = model.apply(variables, x, attributes, method="embed_global")
+  if not joint:
+    boxes = jnp.broadcast_to(jnp.array([0, 0, frame_size, frame_size], jnp.float32),
+                             (x.shape[0], 4))
+    return model_lib.l2_normalize(g.astype(jnp.float32)), attmap, boxes
+  crops, boxes = roi.roi_crops(attmap, hires, frame_size, local_size, threshold)
+  l, _ = model.apply(variables, model_lib.normalize_images(crops), attributes, method="embed_local")
+  emb = model_lib.fused_embedding(g.astype(jnp.float32), l.astype(jnp.float32), beta)
+  return emb, attmap, boxes
+
+
+def make_embed_fn(config, model, joint, mesh):
+  fn = functools.partial(
+      retrieval_embedding, model=model, joint=joint, frame_size=config.data.image_size,
+      local_size=config.model.local_size, threshold=config.model.roi_threshold,
+      beta=config.eval.beta)
+  return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
+
+
+@dataclasses.dataclass
+class Embedded:
+  """Host arrays for every line of a query or candidate file (padding removed)."""
+  emb: np.ndarray
+  attribute: np.ndarray
+  value: np.ndarray
+  image_id: np.ndarray
+  attmap: np.ndarray
+  box: np.ndarray       # RoI box, frame pixels (x0, y0, x1, y1)
+  gt_box: np.ndarray    # ground-truth box in [0, 1] view coordinates, -1 when unknown
+
+
+def embed_stream(config, variables, embed_fn, mesh, split, which, desc=None):
+  """Runs `embed_fn` over every line of a split's query or candidate file."""
+  batch_size = config.eval.batch_size
+  parallel.check_batch_size(batch_size, "eval.batch_size")
+  shard_index, shard_count = jax.process_index(), jax.process_count()
+  local_batch = batch_size // shard_count
+  stream = data_lib.make_eval_stream(config, split, which, batch_size=local_batch,
+                                     shard_index=shard_index, shard_count=shard_count)
+  total = data_lib.eval_stream_length(config, split, which, batch_size=local_batch,
+                                      shard_count=shard_count)
+  parts = {k: [] for k in ("emb", "attribute", "value", "image_id", "attmap", "box", "gt_box",
+                           "mask")}
+  bar = tqdm(stream, total=total, desc=desc or f"{split} {which}", leave=False,
+             disable=jax.process_index() != 0)
+  for batch in bar:
+    images, hires, attrs = parallel.shard_batch(
+        mesh, (batch["image"], batch["hires"], batch["attribute"]))
+    emb, attmap, box = embed_fn(variables, images, hires, attrs)
+    outs = dict(emb=emb, attmap=attmap, box=box)
+    if shard_count > 1:
+      outs = multihost_utils.process_allgather(outs, tiled=True)
+      host = multihost_utils.process_allgather(
+          {k: batch[k] for k in ("attribute", "value", "image_id", "box", "mask")}, tiled=True)
+    else:
+      host = batch
+    for k, v in jax.device_get(outs).items():
+      parts[k].append(np.asarray(v))
+    for k_out, k_in in (("attribute", "attribute"), ("value", "value"), ("image_id", "image_id"),
+                        ("gt_box", "box"), ("mask", "mask")):
+      parts[k_out].append(np.asarray(host[k_in]))
+  cat = {k: np.concatenate(v) for k, v in parts.items()}
+  keep = cat.pop("mask").astype(bool)
+  return Embedded(**{k: v[keep] for k, v in cat.items()})
+
+
+def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
+  """MAP (and pointing accuracy when boxes are known) of one split; returns (results, q, c)."""
+  queries = embed_stream(config, variables, embed_fn, mesh, split, "query")
+  cands = embed_stream(config, variables, embed_fn, mesh, split, "candidate")
+  num_attributes = len(attribute_names)
+  results = retrieval.mean_average_precision(
+      queries.emb, queries.attribute, queries.value, cands.emb, cands.attribute, cands.value,
+      num_attributes=num_attributes, attribute_names=attribute_names)
+  results["map_random"] = float(retrieval.random_ranking_map(
+      queries.attribute, queries.value, cands.attribute, cands.value, num_attributes))
+  if (queries.gt_box >= 0).all(axis=1).any():
+    pointing = retrieval.pointing_accuracy(
+        np.concatenate([queries.attmap, cands.attmap]),
+        np.concatenate([queries.gt_box, cands.gt_box]),
+        np.concatenate([queries.attribute, cands.attribute]), num_attributes)
+    results["pointing_accuracy"] = pointing
+  return results, queries, cands

@@ -1,0 +1,42 @@
+"""Data parallelism: one 'data' mesh axis over every device of every process.
+
+The batch is sharded on 'data', the training state is replicated; `jax.jit` inserts the
+collectives (BatchNorm statistics and gradients are reduced over the global batch), so the same
+code runs on one CPU, eight GPUs or many TPU hosts.
+"""
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+
+def make_mesh():
+  return jax.make_mesh((jax.device_count(),), ("data",))
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size, name="train.batch_size"):
+  """The global batch must split evenly over devices (and so over processes)."""
+  n = jax.device_count()
+  if batch_size % n:
+    raise ValueError(f"Config {name}={batch_size} is not divisible by the {n} devices; "
+                     f"use a multiple of {n}, e.g. {name}={max(n, batch_size // n * n)}.")
+
+
+def shard_batch(mesh, local_arrays):
+  """Process-local numpy arrays (leading batch axis) -> global arrays sharded on 'data'."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_arrays)
+
+
+def replicate(mesh, tree):
+  """Puts a host tree on every device (the same values on every process)."""
+  return jax.device_put(tree, replicated(mesh))

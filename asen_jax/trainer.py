@@ -1,0 +1,325 @@
+"""Two-stage ASEN++ training: optimiser, jitted steps and the resumable loop.
+
+Stage 'global' trains the global branch alone (triplet loss). Stage 'joint' starts from a stage-1
+checkpoint and trains both branches: 1.0 * global triplet + 0.1 * local triplet + 0.1 * alignment,
+with one learning rate for the local branch and a smaller one for everything global.
+
+Start order (as big_vision): resume this workdir's own run; else --init_from; else converted
+ImageNet backbones; else scratch.
+"""
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from asen_jax import checkpoint as ckpt_lib
+from asen_jax import convert
+from asen_jax import data as data_lib
+from asen_jax import evaluation
+from asen_jax import losses
+from asen_jax import model as model_lib
+from asen_jax import parallel
+from asen_jax import roi
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+def steps_per_epoch(config):
+  return max(1, config.train.triplets_per_epoch // config.train.batch_size)
+
+
+def total_steps(config):
+  steps = config.train.epochs * steps_per_epoch(config)
+  return min(steps, config.train.max_steps) if config.train.max_steps else steps
+
+
+def learning_rate(config, lr):
+  """Step decay: x decay_rate every decay_every_epochs epochs."""
+  return optax.exponential_decay(
+      lr, transition_steps=config.train.decay_every_epochs * steps_per_epoch(config),
+      decay_rate=config.train.decay_rate, staircase=True)
+
+
+def param_labels(params):
+  """'local' for the local branch, 'global' for the rest (incl. the shared attribute table)."""
+  return {k: jax.tree.map(lambda _, k=k: "local" if k == "local" else "global", v)
+          for k, v in params.items()}
+
+
+def make_optimizer(config, joint):
+  if not joint:
+    return optax.adam(learning_rate(config, config.train.lr))
+  return optax.multi_transform(
+      {"global": optax.adam(learning_rate(config, config.train.lr_global)),
+       "local": optax.adam(learning_rate(config, config.train.lr))}, param_labels)
+
+
+def _roles(x):
+  """[B, 3, ...] (anchor, positive, negative) -> [3B, ...], role-major."""
+  return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def compute_loss(params, batch_stats, batch, *, model, config, joint):
+  """Returns (loss, (metrics, new batch_stats)) for a batch of triplets."""
+  attrs = jnp.tile(batch["attribute"], 3)
+  images = model_lib.normalize_images(_roles(batch["images"]))
+  (g, attmap), upd = model.apply({"params": params, "batch_stats": batch_stats}, images, attrs,
+                                 train=True, method="embed_global", mutable=["batch_stats"])
+  g = g.astype(jnp.float32)
+  g_apn = jnp.split(g, 3)
+  loss_g = losses.triplet_margin_loss(*g_apn, margin=config.train.margin)
+  if not joint:
+    return loss_g, ({"loss": loss_g, "loss_global": loss_g}, upd["batch_stats"])
+  crops, _ = roi.roi_crops(jax.lax.stop_gradient(attmap), _roles(batch["hires"]),
+                           config.data.image_size, config.model.local_size,
+                           config.model.roi_threshold)
+  (l, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]},
+                            model_lib.normalize_images(crops), attrs, train=True,
+                            method="embed_local", mutable=["batch_stats"])
+  l_apn = jnp.split(l.astype(jnp.float32), 3)
+  loss_l = losses.triplet_margin_loss(*l_apn, margin=config.train.margin)
+  loss_a = losses.alignment_loss(g_apn, l_apn)
+  w = config.train.loss_weights
+  loss = w.global_triplet * loss_g + w.local_triplet * loss_l + w.alignment * loss_a
+  metrics = {"loss": loss, "loss_global": loss_g, "loss_local": loss_l, "loss_align": loss_a}
+  return loss, (metrics, upd["batch_stats"])
+
+
+def train_step(state, batch, *, model, tx, config, joint):
+  """One optimiser step. A non-finite loss leaves the state untouched (the host then stops)."""
+  grad_fn = jax.value_and_grad(
+      functools.partial(compute_loss, model=model, config=config, joint=joint), has_aux=True)
+  (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                   batch_stats=batch_stats, opt_state=opt_state)
+  finite = jnp.isfinite(loss)
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+  return new, metrics
+
+
+def make_train_step(config, model, tx, joint, mesh):
+  rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  fn = functools.partial(train_step, model=model, tx=tx, config=config, joint=joint)
+  return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def _subtree_merge(target, loaded, keys, source):
+  """Replaces target[k] by loaded[k] for each k, with strict key/shape checks."""
+  out = dict(target)
+  for k in keys:
+    out[k] = convert.strict_merge(target[k], loaded[k], f"{source} [{k}]")
+  return out
+
+
+def load_init_from(path, variables, attributes, joint):
+  """Model variables of a previous run (or official .pth.tar) into a fresh init."""
+  if path.endswith((".pth", ".tar")):
+    loaded, info = convert.official_to_variables(convert.read_weight_file(path))
+    meta = {"attributes": None, "num_attributes": info["num_attributes"]}
+  else:
+    loaded, meta, _ = ckpt_lib.load_model_variables(path, prefer="latest")
+  names = meta.get("attributes")
+  if names is not None and tuple(names) != tuple(attributes):
+    raise ValueError(f"--init_from {path} was trained on attributes {list(names)}, but the config "
+                     f"has {list(attributes)}; use a checkpoint of the same dataset.")
+  if "global" not in loaded["params"]:
+    raise ValueError(f"--init_from {path} holds no global branch; pass a stage-1 or stage-2 "
+                     "checkpoint of this project or an official ASEN++ checkpoint.")
+  keys = ["attr_embedding", "global"]
+  if joint and "local" in loaded["params"]:
+    keys.append("local")  # Continue a joint model, e.g. fine-tuning.
+  params = _subtree_merge(variables["params"], loaded["params"], keys, f"--init_from {path}")
+  bs_keys = [k for k in keys if k in variables["batch_stats"]]
+  batch_stats = _subtree_merge(variables["batch_stats"], loaded["batch_stats"], bs_keys,
+                               f"--init_from {path}")
+  return {"params": params, "batch_stats": batch_stats}
+
+
+def load_backbones(config, variables, joint):
+  """Converted ImageNet backbones named in config.model.init_backbones, if any."""
+  files = config.model.init_backbones
+  branches = [("global", files.global_file, config.model.global_backbone)]
+  if joint:
+    branches.append(("local", files.local_file, config.model.local_backbone))
+  params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+  loaded_any = False
+  for branch, path, arch in branches:
+    if not path:
+      continue
+    bb = convert.load_backbone_file(path, arch, num_stages=3, width=config.model.width)
+    params[branch] = dict(params[branch], backbone=convert.strict_merge(
+        params[branch]["backbone"], bb["params"], path))
+    batch_stats[branch] = dict(batch_stats[branch], backbone=convert.strict_merge(
+        batch_stats[branch]["backbone"], bb["batch_stats"], path))
+    loaded_any = True
+  if not loaded_any:
+    logging.warning("No ImageNet backbone weights (config.model.init_backbones): training from "
+                    "scratch; results will be far below the paper's.")
+  return {"params": params, "batch_stats": batch_stats}
+
+
+class MetricWriter:
+  """JSON lines + TensorBoard, written by process 0 only."""
+
+  def __init__(self, workdir):
+    self.active = jax.process_index() == 0
+    if self.active:
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step, scalars):
+    if not self.active:
+      return
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    for k, v in scalars.items():
+      if isinstance(v, (int, float)):
+        self._tb.add_scalar(k, v, int(step))
+    self._tb.flush()
+
+  def close(self):
+    if self.active:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def build(config):
+  """Dataset info, model and optimiser for a config (shared by train and tests)."""
+  info = data_lib.dataset_info(config)
+  joint = config.stage == "joint"
+  model = model_lib.build_model(config.model, len(info.attributes), with_local=joint,
+                                dtype=jnp.dtype(config.model.compute_dtype))
+  return info, model, make_optimizer(config, joint), joint
+
+
+def init_state(config, model, tx, joint, init_from=None, info=None):
+  """Host-side initial TrainState (before any resume)."""
+  variables = model_lib.init_variables(model, jax.random.key(config.seed),
+                                       config.data.image_size, config.model.local_size)
+  if init_from:
+    variables = load_init_from(init_from, variables, info.attributes, joint)
+  else:
+    variables = load_backbones(config, variables, joint)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def _meta(config, info, step, **extra):
+  return {"attributes": list(info.attributes), "num_values": list(info.num_values),
+          "stage": config.stage, "model": config.model.to_dict(), "step": int(step),
+          "dataset": config.data.name, **extra}
+
+
+def train_and_evaluate(config, workdir, init_from=None):
+  """Runs (or resumes) one training stage; returns the final TrainState on the host."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(config.train.batch_size)
+  data_lib.prepare_dataset(config)
+  info, model, tx, joint = build(config)
+  if config.stage == "joint" and not init_from:
+    logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
+                    "paper initialises it from the last stage-1 checkpoint.")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+  ckpts = ckpt_lib.RunCheckpoints(workdir)
+  loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
+                                      shard_count=jax.process_count())
+  data_iter = iter(loader)
+  state = init_state(config, model, tx, joint, None if ckpts.latest_step() is not None
+                     else init_from, info)
+  state = parallel.replicate(mesh, state)
+  best_map = -1.0
+  if ckpts.latest_step() is not None:
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            state)
+    variables, opt, data_iter, meta = ckpts.restore_latest(
+        {"params": abstract.params, "batch_stats": abstract.batch_stats},
+        {"step": abstract.step, "opt_state": abstract.opt_state}, data_iter)
+    if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
+      raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
+                       "use a new --workdir for a different stage or dataset.")
+    state = TrainState(step=opt["step"], params=variables["params"],
+                       batch_stats=variables["batch_stats"], opt_state=opt["opt_state"])
+    best_map = float(meta.get("best_map", -1.0))
+    logging.info("Resuming %s from step %d.", workdir, int(opt["step"]))
+
+  step_fn = make_train_step(config, model, tx, joint, mesh)
+  embed_fn = evaluation.make_embed_fn(config, model, joint, mesh)
+  writer = MetricWriter(workdir)
+  per_epoch, last = steps_per_epoch(config), total_steps(config)
+  step = int(jax.device_get(state.step))
+  first = step
+
+  def save_latest(step):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    ckpts.save_latest(step, variables, {"step": state.step, "opt_state": state.opt_state},
+                      data_iter, _meta(config, info, step, best_map=best_map))
+
+  bar = tqdm(total=last, initial=step, desc=f"train {config.stage}", unit="step",
+             disable=jax.process_index() != 0, dynamic_ncols=True)
+  tick, tick_step = time.time(), step
+  try:
+    while step < last:
+      batch = next(data_iter)
+      arrays = parallel.shard_batch(mesh, {k: batch[k] for k in ("images", "hires", "attribute")})
+      state, metrics = step_fn(state, arrays)
+      step += 1
+      epoch_end = step % per_epoch == 0
+      if step % config.train.log_every == 0 or step == last or epoch_end:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if int(jax.device_get(state.step)) != step:
+          raise FloatingPointError(
+              f"Non-finite loss at step {step} ({metrics}); stopping. The last good checkpoint "
+              f"in {workdir}/checkpoints/latest is kept; lower train.lr or check the data.")
+        now = time.time()
+        rate = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        writer.write(step, {**metrics, "triplets_per_s": rate, "epoch": step / per_epoch})
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", trip_s=f"{rate:.1f}")
+      bar.update(1)
+      if epoch_end and (step // per_epoch) % config.train.eval_every_epochs == 0:
+        results, _, _ = evaluation.evaluate_split(config, {"params": state.params,
+                                                           "batch_stats": state.batch_stats},
+                                                  embed_fn, mesh, config.eval.split,
+                                                  info.attributes)
+        val_map = results["map_overall"]
+        writer.write(step, {"val_map": val_map, "val_map_random": results["map_random"]})
+        logging.info("step %d epoch %d: validation MAP %.2f (random ranking %.2f)", step,
+                     step // per_epoch, val_map, results["map_random"])
+        if val_map > best_map:
+          best_map = val_map
+          ckpts.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
+                          _meta(config, info, step, map=val_map))
+        tick = time.time()
+      if step % config.train.checkpoint_every == 0 or epoch_end or step == last:
+        save_latest(step)
+  except KeyboardInterrupt:
+    logging.warning("Interrupted at step %d; saving the latest checkpoint before exiting.", step)
+    save_latest(step)
+    raise
+  finally:
+    bar.close()
+    writer.close()
+    ckpts.close()
+  logging.info("Finished %s: %d steps (%d this run).", config.stage, step, step - first)
+  return jax.device_get(state)

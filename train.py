@@ -1,0 +1,33 @@
+"""Trains ASEN++: `python train.py --config configs/fashionai.py:global --workdir runs/fa_global`.
+
+Stage 2: `python train.py --config configs/fashionai.py:joint --workdir runs/fa_joint
+--init_from runs/fa_global`. Running the same command again resumes where it stopped.
+"""
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<stage>[,k=v]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, config.")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Stage-1 workdir/checkpoint (or an official "
+                                 ".pth.tar) whose model variables initialise this run.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
+                                 "(multi-host GPU/TPU; reads the cluster from the environment).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from asen_jax import trainer  # After distributed init.
+  logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
