@@ -5,6 +5,7 @@ mesh (batch on 'data'); the host only sees them once per batch.
 """
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -106,3 +107,74 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
         np.concatenate([queries.attribute, cands.attribute]), num_attributes)
     results["pointing_accuracy"] = pointing
   return results, queries, cands
+
+
+def load_for_eval(config, path, attributes):
+  """(model, variables, joint, meta) from a workdir/checkpoint folder or an official .pth.tar."""
+  from asen_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from asen_jax import convert  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if path.endswith((".pth", ".tar")):
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    variables, info = convert.official_to_variables(convert.read_weight_file(path))
+    if info["num_attributes"] != len(attributes):
+      raise ValueError(f"Checkpoint {path} has {info['num_attributes']} attributes but the config "
+                       f"has {len(attributes)} ({', '.join(attributes)}); use the config of the "
+                       "dataset it was trained on.")
+    meta = {"attributes": list(attributes), "stage": "joint" if info["stage"] == 2 else "global",
+            "source": path}
+    model_config = config.model
+  else:
+    variables, meta, step = ckpt_lib.load_model_variables(path, prefer="best")
+    meta["checkpoint_step"] = step
+    if list(meta["attributes"]) != list(attributes):
+      raise ValueError(f"Checkpoint {path} was trained on attributes {meta['attributes']} but the "
+                       f"config has {list(attributes)}; use the config of its dataset.")
+    model_config = ml_collections.ConfigDict(meta.get("model", config.model.to_dict()))
+  joint = "local" in variables["params"]
+  model = model_lib.build_model(model_config, len(attributes), with_local=joint,
+                                dtype=jnp.dtype(config.model.compute_dtype))
+  reference = jax.eval_shape(lambda: model_lib.init_variables(
+      model, jax.random.key(0), config.data.image_size, config.model.local_size))
+  variables = {k: convert.strict_merge(reference[k], variables[k], path)
+               for k in ("params", "batch_stats")}
+  return model, variables, joint, meta
+
+
+def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
+  """Embeds a split with a checkpoint, returns the results dict (MAP in %)."""
+  data_lib.prepare_dataset(config)
+  info = data_lib.dataset_info(config)
+  model, variables, joint, meta = load_for_eval(config, checkpoint_path, info.attributes)
+  mesh = parallel.make_mesh()
+  variables = parallel.replicate(mesh, variables)
+  embed_fn = make_embed_fn(config, model, joint, mesh)
+  results, queries, cands = evaluate_split(config, variables, embed_fn, mesh, split,
+                                           info.attributes)
+  results.update(split=split, stage="joint" if joint else "global", checkpoint=checkpoint_path,
+                 beta=config.eval.beta if joint else None)
+  if viz_dir and jax.process_index() == 0:
+    results["pictures"] = write_pictures(config, split, queries, cands, info, viz_dir,
+                                         viz_queries)
+  return results
+
+
+def format_table(results):
+  """A plain-text table of per-attribute MAP (and pointing accuracy) plus the overall line."""
+  pointing = results.get("pointing_accuracy", {})
+  per_attr_pa = pointing.get("per_attribute", {}) if pointing else {}
+  lines = [f"{'attribute':<24}{'queries':>9}{'MAP %':>9}" + (f"{'pointing %':>12}"
+                                                              if pointing else "")]
+  for name, value in results["map_per_attribute"].items():
+    row = f"{name:<24}{results['num_queries'][name]:>9d}{value:>9.2f}"
+    if pointing:
+      row += f"{per_attr_pa.get(name, float('nan')):>12.2f}"
+    lines.append(row)
+  total = sum(results["num_queries"].values())
+  row = f"{'overall':<24}{total:>9d}{results['map_overall']:>9.2f}"
+  if pointing:
+    row += f"{pointing['overall']:>12.2f}"
+  lines.append(row)
+  lines.append(f"{'random ranking':<24}{'':>9}{results['map_random']:>9.2f}")
+  return "\n".join(lines)

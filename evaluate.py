@@ -1,0 +1,46 @@
+"""Evaluates attribute-specific retrieval (MAP) of a checkpoint.
+
+  python evaluate.py --config configs/fashionai.py:joint --checkpoint runs/fa_joint --split test \
+      --output results.json --viz_dir pictures
+
+--checkpoint: a training workdir (its best checkpoint), a checkpoint folder of this project, or an
+official ASEN++ `model_best.pth.tar` / `checkpoint.pth.tar` (stage 1 or 2).
+"""
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<stage>[,k=v]",
+                                          lock_config=True)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoint folder or .pth.tar.")
+_SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
+_VIZ_DIR = flags.DEFINE_string("viz_dir", None, "Write retrieval pictures (PNG) here.")
+_VIZ_QUERIES = flags.DEFINE_integer("viz_queries", 3, "Pictures per attribute.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
+flags.mark_flags_as_required(["config", "checkpoint"])
+
+
+def main(argv):
+  del argv
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from asen_jax import evaluation  # After distributed init.
+  results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
+                                     viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
+  if jax.process_index() == 0:
+    print(evaluation.format_table(results))
+    if _OUTPUT.value:
+      os.makedirs(os.path.dirname(os.path.abspath(_OUTPUT.value)), exist_ok=True)
+      with open(_OUTPUT.value, "w") as f:
+        json.dump(results, f, indent=2)
+      logging.info("Wrote %s", _OUTPUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
