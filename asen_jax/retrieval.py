@@ -1,0 +1,351 @@
+"""Attribute-specific retrieval metrics: MAP, random-ranking MAP, pointing accuracy.
+
+MAP protocol (ASEN/ASEN++): queries and candidates are grouped by attribute; each
+query is ranked against ALL candidates of its attribute by dot product; a candidate
+is relevant when its value equals the query's; AP is taken over the full ranking,
+`sum_k P@k * rel_k / n_relevant` (0 when nothing is relevant). Attribute MAP is the
+mean AP of its queries; overall MAP is the query-weighted mean of attribute MAPs
+(= the mean AP over all queries).
+
+Tie rule: candidates are ranked by (score descending, candidate index ascending),
+where the index is the row in the candidate arrays passed in. Scores are float32
+dot products computed at `Precision.HIGHEST` (no TF32/bf16 passes on GPU/TPU).
+
+The device computation is one jitted call: queries are grouped by attribute into
+fixed-size chunks, and each chunk is scored against a padded table of that
+attribute's candidates, so memory stays at one `[chunk, max_candidates_per_attr]`
+score matrix and nothing recompiles per attribute.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+# --------------------------------------------------------------------------- #
+# Input checking (host side; labels are small, embeddings stay where they are).
+# --------------------------------------------------------------------------- #
+
+
+def _labels(x: Any, name: str, n: int | None = None) -> np.ndarray:
+  arr = np.asarray(x)
+  if arr.ndim != 1:
+    raise ValueError(f"{name} must be a 1-D array of integers, got shape {arr.shape}.")
+  if n is not None and arr.shape[0] != n:
+    raise ValueError(
+        f"{name} has {arr.shape[0]} entries but the embeddings have {n} rows; pass one per row.")
+  if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    if not np.all(np.equal(np.mod(arr, 1), 0)):
+      raise ValueError(f"{name} must hold integer indices, got dtype {arr.dtype} with fractions.")
+  return arr.astype(np.int64)
+
+
+def _mask(mask: Any, name: str, n: int) -> np.ndarray:
+  if mask is None:
+    return np.ones((n,), bool)
+  arr = np.asarray(mask)
+  if arr.shape != (n,):
+    raise ValueError(f"{name} must be a boolean array of shape ({n},), got shape {arr.shape}.")
+  return arr.astype(bool)
+
+
+def _embeddings(x: Any, name: str) -> jax.Array:
+  emb = jnp.asarray(x, dtype=jnp.float32)
+  if emb.ndim != 2:
+    raise ValueError(f"{name} must be a 2-D array [rows, dim], got shape {emb.shape}.")
+  return emb
+
+
+def _check_attrs(attr: np.ndarray, valid: np.ndarray, name: str, num_attributes: int | None):
+  a = attr[valid]
+  if a.size and a.min() < 0:
+    raise ValueError(f"{name} holds a negative attribute index ({a.min()}) in an unmasked row; "
+                     "mask padded rows out instead.")
+  if num_attributes is not None and a.size and a.max() >= num_attributes:
+    raise ValueError(f"{name} holds attribute index {a.max()} but num_attributes is "
+                     f"{num_attributes}; pass the dataset's attribute count.")
+
+
+# --------------------------------------------------------------------------- #
+# Device kernel.
+# --------------------------------------------------------------------------- #
+
+
+@jax.jit
+def _chunked_ap(query_emb_qd, query_val_q, cand_emb_nd, cand_val_n, cand_table_am,
+                chunk_attr_c, chunk_rows_cr):
+  """AP of every query row named in `chunk_rows_cr` (-1 = padding) -> float32 [C, R]."""
+  num_slots = cand_table_am.shape[1]
+  ranks = jnp.arange(1, num_slots + 1, dtype=jnp.float32)
+
+  def one_chunk(args):
+    attr, rows_r = args
+    rows = jnp.maximum(rows_r, 0)
+    q_rd = query_emb_qd[rows]
+    qv_r = query_val_q[rows]
+    cidx_m = cand_table_am[attr]
+    slot_ok_m = cidx_m >= 0
+    c_md = cand_emb_nd[jnp.maximum(cidx_m, 0)]
+    cv_m = cand_val_n[jnp.maximum(cidx_m, 0)]
+    scores_rm = jnp.dot(q_rd, c_md.T, precision=jax.lax.Precision.HIGHEST)
+    # Padding slots sort last (+inf); the table lists candidates by ascending index,
+    # so a stable sort on -score realises the (score desc, index asc) tie rule.
+    neg_rm = jnp.where(slot_ok_m[None, :], -scores_rm, jnp.inf)
+    rel_rm = ((qv_r[:, None] == cv_m[None, :]) & slot_ok_m[None, :]).astype(jnp.float32)
+    _, rel_sorted = jax.lax.sort((neg_rm, rel_rm), dimension=1, is_stable=True, num_keys=1)
+    hits = jnp.cumsum(rel_sorted, axis=1)  # integer-valued, exact in float32 below 2**24
+    n_rel = hits[:, -1]
+    ap = jnp.sum(rel_sorted * (hits / ranks), axis=1) / jnp.maximum(n_rel, 1.0)
+    return ap
+
+  return jax.lax.map(one_chunk, (chunk_attr_c, chunk_rows_cr))
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+# --------------------------------------------------------------------------- #
+# Public API.
+# --------------------------------------------------------------------------- #
+
+
+def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, cand_val, *,
+                      query_mask=None, cand_mask=None, chunk_size: int = 256) -> np.ndarray:
+  """Per-query AP under the ASEN protocol -> float64 [Q] (NaN for masked-out queries).
+
+  Args:
+    query_emb: [Q, D] embeddings (host or device array); cand_emb: [N, D].
+    query_attr, query_val / cand_attr, cand_val: int [Q] / [N] attribute and value indices.
+    query_mask, cand_mask: optional bool [Q] / [N]; False rows (eval padding) are ignored.
+    chunk_size: queries scored at once; bounds memory to chunk_size x max candidates per attribute.
+  """
+  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
+  q_emb = _embeddings(query_emb, "query_emb")
+  c_emb = _embeddings(cand_emb, "cand_emb")
+  if q_emb.shape[1] != c_emb.shape[1]:
+    raise ValueError(f"query_emb has dimension {q_emb.shape[1]} but cand_emb has "
+                     f"{c_emb.shape[1]}; embed both with the same model and mode.")
+  num_q, num_c = q_emb.shape[0], c_emb.shape[0]
+  q_attr = _labels(query_attr, "query_attr", num_q)
+  q_val = _labels(query_val, "query_val", num_q)
+  c_attr = _labels(cand_attr, "cand_attr", num_c)
+  c_val = _labels(cand_val, "cand_val", num_c)
+  q_ok = _mask(query_mask, "query_mask", num_q)
+  c_ok = _mask(cand_mask, "cand_mask", num_c)
+  _check_attrs(q_attr, q_ok, "query_attr", None)
+  _check_attrs(c_attr, c_ok, "cand_attr", None)
+
+  ap_q = np.full((num_q,), np.nan, np.float64)
+  if not q_ok.any():
+    return ap_q
+  # NaN/inf would sort unpredictably and silently corrupt the ranking.
+  if not bool(jnp.isfinite(q_emb).all()) or not bool(jnp.isfinite(c_emb).all()):
+    raise ValueError("query_emb or cand_emb holds NaN or inf values; check the model "
+                     "outputs (e.g. a diverged checkpoint) before evaluating.")
+
+  num_attr = int(max(q_attr[q_ok].max(), c_attr[c_ok].max() if c_ok.any() else 0)) + 1
+  # Candidate table [A, M]: each attribute's candidate rows in ascending order, -1 padded.
+  groups = [np.flatnonzero(c_ok & (c_attr == a)) for a in range(num_attr)]
+  slots = max(1, max(len(g) for g in groups))
+  cand_table = np.full((num_attr, slots), -1, np.int32)
+  for a, g in enumerate(groups):
+    cand_table[a, :len(g)] = g
+
+  # Query chunks: each chunk holds queries of ONE attribute (-1 padded).
+  q_groups = [np.flatnonzero(q_ok & (q_attr == a)) for a in range(num_attr)]
+  chunk = min(int(chunk_size), _round_up(max(len(g) for g in q_groups), 8))
+  chunk_attr, chunk_rows = [], []
+  for a, g in enumerate(q_groups):
+    for s in range(0, len(g), chunk):
+      rows = np.full((chunk,), -1, np.int32)
+      part = g[s:s + chunk]
+      rows[:len(part)] = part
+      chunk_attr.append(a)
+      chunk_rows.append(rows)
+  chunk_attr = np.asarray(chunk_attr, np.int32)
+  chunk_rows = np.stack(chunk_rows)
+
+  # Values are compared for equality only: remap to a dense int32 range so int64
+  # labels survive the default 32-bit JAX mode.
+  _, dense = np.unique(np.concatenate([q_val, c_val]), return_inverse=True)
+  q_val32 = dense[:num_q].astype(np.int32)
+  c_val32 = dense[num_q:].astype(np.int32)
+
+  ap_cr = _chunked_ap(q_emb, q_val32, c_emb, c_val32, cand_table, chunk_attr, chunk_rows)
+  ap_cr = np.asarray(jax.device_get(ap_cr), np.float64)
+  real = chunk_rows >= 0
+  ap_q[chunk_rows[real]] = ap_cr[real]
+  return ap_q
+
+
+def _summarise(ap_q: np.ndarray, q_attr: np.ndarray, q_ok: np.ndarray, num_attributes: int,
+               attribute_names: Sequence[str] | None, key: str) -> dict[str, Any]:
+  """Per-attribute and query-weighted overall means, in percent."""
+  names = _names(attribute_names, num_attributes)
+  per_attr, counts = {}, {}
+  for a, name in enumerate(names):
+    sel = q_ok & (q_attr == a)
+    counts[name] = int(sel.sum())
+    per_attr[name] = float(100.0 * ap_q[sel].mean()) if counts[name] else float("nan")
+  if not q_ok.any():
+    raise ValueError("No queries to evaluate: every query is masked out; check query_mask "
+                     "and the query split file.")
+  return {f"{key}_overall": float(100.0 * ap_q[q_ok].mean()),
+          f"{key}_per_attribute": per_attr,
+          "num_queries": counts}
+
+
+def _names(attribute_names, num_attributes: int) -> list[str]:
+  if not isinstance(num_attributes, (int, np.integer)) or num_attributes < 1:
+    raise ValueError(f"num_attributes must be a positive integer, got {num_attributes!r}.")
+  if attribute_names is None:
+    return [f"attribute_{a}" for a in range(num_attributes)]
+  names = [str(n) for n in attribute_names]
+  if len(names) != num_attributes:
+    raise ValueError(f"attribute_names has {len(names)} names but num_attributes is "
+                     f"{num_attributes}; pass one name per attribute.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"attribute_names has duplicates: {names}; names must be unique.")
+  return names
+
+
+def mean_average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, cand_val,
+                           num_attributes: int, attribute_names: Sequence[str] | None = None, *,
+                           query_mask=None, cand_mask=None, chunk_size: int = 256
+                           ) -> dict[str, Any]:
+  """ASEN MAP -> dict(map_overall=%, map_per_attribute={name: %}, num_queries={name: int}).
+
+  Attributes without queries report count 0 and NaN MAP and carry no weight.
+  """
+  names = _names(attribute_names, num_attributes)
+  q_attr = _labels(query_attr, "query_attr")
+  c_attr = _labels(cand_attr, "cand_attr")
+  q_ok = _mask(query_mask, "query_mask", q_attr.shape[0])
+  c_ok = _mask(cand_mask, "cand_mask", c_attr.shape[0])
+  _check_attrs(q_attr, q_ok, "query_attr", num_attributes)
+  _check_attrs(c_attr, c_ok, "cand_attr", num_attributes)
+  ap_q = average_precision(query_emb, q_attr, query_val, cand_emb, c_attr, cand_val,
+                           query_mask=q_ok, cand_mask=c_ok, chunk_size=chunk_size)
+  return _summarise(ap_q, q_attr, q_ok, num_attributes, names, "map")
+
+
+def expected_random_ap(num_candidates, num_relevant) -> np.ndarray:
+  """Exact E[AP] of a uniformly random ranking of N candidates with R relevant (broadcasts).
+
+  E[P@k * rel_k] = (R/N) * (1 + (k-1)(R-1)/(N-1)) / k, so summing over k and dividing by R,
+  E[AP] = (H_N + (R-1)/(N-1) * (N - H_N)) / N with H_N the N-th harmonic number
+  (1 when N = R = 1; 0 when R = 0).
+  """
+  n = np.asarray(num_candidates, np.float64)
+  r = np.asarray(num_relevant, np.float64)
+  if np.any(r > n) or np.any(r < 0):
+    raise ValueError("num_relevant must lie in [0, num_candidates].")
+  n_max = int(n.max()) if n.size else 0
+  harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, n_max + 1))])
+  h_n = harmonic[n.astype(np.int64)]
+  safe_n = np.maximum(n, 1.0)
+  frac = np.where(n > 1, (r - 1) / np.maximum(n - 1, 1.0), 0.0)
+  e_ap = (h_n + frac * (n - h_n)) / safe_n
+  return np.where(r > 0, e_ap, 0.0)
+
+
+def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attributes: int,
+                       attribute_names: Sequence[str] | None = None, *,
+                       query_mask=None, cand_mask=None) -> dict[str, Any]:
+  """Exact expected MAP of a uniformly random ranking, same dict layout as mean_average_precision."""
+  names = _names(attribute_names, num_attributes)
+  q_attr = _labels(query_attr, "query_attr")
+  q_val = _labels(query_val, "query_val", q_attr.shape[0])
+  c_attr = _labels(cand_attr, "cand_attr")
+  c_val = _labels(cand_val, "cand_val", c_attr.shape[0])
+  q_ok = _mask(query_mask, "query_mask", q_attr.shape[0])
+  c_ok = _mask(cand_mask, "cand_mask", c_attr.shape[0])
+  _check_attrs(q_attr, q_ok, "query_attr", num_attributes)
+  _check_attrs(c_attr, c_ok, "cand_attr", num_attributes)
+  # Count candidates per attribute and per (attribute, value) pair.
+  n_per_attr = np.bincount(c_attr[c_ok], minlength=num_attributes)
+  _, dense = np.unique(np.concatenate([q_val, c_val]), return_inverse=True)
+  width = int(dense.max()) + 1 if dense.size else 1
+  key_q = np.where(q_ok, q_attr, 0) * width + dense[:q_attr.shape[0]]
+  key_c = c_attr[c_ok] * width + dense[q_attr.shape[0]:][c_ok]
+  uniq, cnt = np.unique(key_c, return_counts=True)
+  uniq = np.append(uniq, -1)  # sentinel: keys absent from the candidates count 0
+  cnt = np.append(cnt, 0)
+  pos = np.minimum(np.searchsorted(uniq[:-1], key_q), len(uniq) - 1)
+  r_q = np.where(uniq[pos] == key_q, cnt[pos], 0)
+  n_q = n_per_attr[np.where(q_ok, q_attr, 0)]
+  ap_q = np.where(q_ok, expected_random_ap(n_q, r_q), np.nan)
+  return _summarise(ap_q, q_attr, q_ok, num_attributes, names, "map")
+
+
+# --------------------------------------------------------------------------- #
+# Pointing accuracy of attention maps.
+# --------------------------------------------------------------------------- #
+
+
+def pointing_hits(attmap_bhw, boxes_b4):
+  """Jittable: (hit_b, has_box_b) -- does the argmax cell's centre fall inside the box?
+
+  The centre of cell (row, col) is ((col + 0.5) / W, (row + 0.5) / H) in [0, 1] view
+  coordinates; boxes are (x0, y0, x1, y1) in the same coordinates, edges inclusive.
+  Ties in the map go to the first cell in row-major order. A box of all -1 means "no box".
+  """
+  attmap_bhw = jnp.asarray(attmap_bhw)
+  boxes_b4 = jnp.asarray(boxes_b4, jnp.float32)
+  b, h, w = attmap_bhw.shape
+  idx = jnp.argmax(attmap_bhw.reshape(b, h * w), axis=1)
+  x = (idx % w + 0.5) / w
+  y = (idx // w + 0.5) / h
+  has_box = ~jnp.all(boxes_b4 == -1, axis=1)
+  inside = ((x >= boxes_b4[:, 0]) & (x <= boxes_b4[:, 2]) &
+            (y >= boxes_b4[:, 1]) & (y <= boxes_b4[:, 3]))
+  return inside & has_box, has_box
+
+
+def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, mask=None,
+                      attribute_names: Sequence[str] | None = None) -> dict[str, Any]:
+  """Share (%) of (image, attribute) pairs whose attention maximum lies in the GT box.
+
+  Returns dict(pointing_overall=%, pointing_per_attribute={name: %}, num_pairs={name: int});
+  rows with an all -1 box or mask False are ignored; NaN where there are no pairs.
+  """
+  names = _names(attribute_names, num_attributes)
+  att = np.asarray(attmap_bhw)
+  boxes = np.asarray(boxes_b4, np.float64)
+  if att.ndim != 3:
+    raise ValueError(f"attmap_bhw must have shape [B, H, W], got {att.shape}.")
+  b = att.shape[0]
+  if boxes.shape != (b, 4):
+    raise ValueError(f"boxes_b4 must have shape ({b}, 4) to match attmap_bhw, got {boxes.shape}.")
+  attr = _labels(attributes_b, "attributes_b", b)
+  ok = _mask(mask, "mask", b)
+  has_box = ~np.all(boxes == -1, axis=1)
+  used = ok & has_box
+  _check_attrs(attr, used, "attributes_b", num_attributes)
+  bad = used & ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]) |
+                np.any(boxes < 0, axis=1) | np.any(boxes > 1, axis=1))
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"boxes_b4 row {i} is {boxes[i].tolist()}; boxes must be (x0, y0, x1, y1) "
+                     "in [0, 1] with x0 <= x1 and y0 <= y1, or all -1 for no box.")
+  hit, _ = pointing_hits(att, boxes.astype(np.float32))
+  hit = np.asarray(hit)
+  per_attr, counts = {}, {}
+  for a, name in enumerate(names):
+    sel = used & (attr == a)
+    counts[name] = int(sel.sum())
+    per_attr[name] = float(100.0 * hit[sel].mean()) if counts[name] else float("nan")
+  overall = float(100.0 * hit[used].mean()) if used.any() else float("nan")
+  return {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
+
+
+__all__ = [
+    "average_precision", "mean_average_precision", "expected_random_ap", "random_ranking_map",
+    "pointing_hits", "pointing_accuracy",
+]
