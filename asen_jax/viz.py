@@ -1,0 +1,205 @@
+"""Retrieval pictures: attention heatmaps, query/top-k panels, attribute grids (PIL + numpy)."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+RELEVANT_COLOUR = (0, 200, 0)
+IRRELEVANT_COLOUR = (220, 0, 0)
+BOX_COLOUR = (255, 255, 0)      # predicted RoI
+GT_BOX_COLOUR = (0, 255, 255)   # ground-truth box
+BACKGROUND = (255, 255, 255)
+TEXT_COLOUR = (0, 0, 0)
+PAD = 8          # gap between tiles and around the panel
+FRAME = 5        # relevance frame width, drawn inside the tile
+TITLE_H = 24     # title band above the tiles
+CAPTION_H = 20   # caption band below the tiles
+HEADER_H = 22    # attribute-name band of attention_grid
+_SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def jet_colormap(t) -> np.ndarray:
+  """Jet-like colours in [0, 1] for values t in [0, 1] -> float32 [..., 3] (blue -> red)."""
+  t = np.clip(np.asarray(t, np.float32), 0.0, 1.0)[..., None]
+  centres = np.array([0.75, 0.5, 0.25], np.float32)  # r, g, b peaks
+  return np.clip(1.5 - np.abs(4.0 * (t - centres)), 0.0, 1.0).astype(np.float32)
+
+
+def upsample_bilinear(map_hw, out_h: int, out_w: int) -> np.ndarray:
+  """Bilinear resize with half-pixel centres and edge clamping (PyTorch align_corners=False)."""
+  m = np.asarray(map_hw, np.float32)
+  if m.ndim != 2:
+    raise ValueError(f"attention map must be 2-D [H, W], got shape {m.shape}.")
+  h, w = m.shape
+
+  def axis(n_in, n_out):
+    src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+    src = np.clip(src, 0.0, n_in - 1)
+    lo = np.floor(src).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (src - lo).astype(np.float32)
+
+  y0, y1, fy = axis(h, out_h)
+  x0, x1, fx = axis(w, out_w)
+  top = m[y0][:, x0] * (1 - fx) + m[y0][:, x1] * fx
+  bot = m[y1][:, x0] * (1 - fx) + m[y1][:, x1] * fx
+  return top * (1 - fy[:, None]) + bot * fy[:, None]
+
+
+def _as_uint8_rgb(image, name: str) -> np.ndarray:
+  if isinstance(image, Image.Image):
+    return np.asarray(image.convert("RGB"))
+  arr = np.asarray(image)
+  if arr.dtype != np.uint8:
+    raise ValueError(f"{name} must be a uint8 image (0-255), got dtype {arr.dtype}; "
+                     "un-normalise and cast with np.uint8 first.")
+  if arr.ndim == 2:
+    arr = np.repeat(arr[..., None], 3, axis=2)
+  if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+    raise ValueError(f"{name} must have shape [H, W, 3], got {arr.shape}.")
+  if arr.shape[2] == 1:
+    arr = np.repeat(arr, 3, axis=2)
+  return arr[..., :3]
+
+
+def heatmap_overlay(image_uint8_hwc, attmap_hw, alpha: float = 0.5) -> np.ndarray:
+  """Blend a jet heatmap of `attmap_hw` (bilinearly upsampled, min-max scaled) over the image."""
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
+  img = _as_uint8_rgb(image_uint8_hwc, "image_uint8_hwc")
+  up = upsample_bilinear(attmap_hw, img.shape[0], img.shape[1])
+  lo, hi = float(up.min()), float(up.max())
+  # Normalise after upsampling so the hottest colour lands exactly on the map's peak.
+  t = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
+  colour = jet_colormap(t) * 255.0
+  out = alpha * colour + (1.0 - alpha) * img.astype(np.float32)
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _font(size: int = 12):
+  try:
+    return ImageFont.load_default(size=size)
+  except (OSError, TypeError):  # PIL without FreeType: bitmap font, fixed size
+    return ImageFont.load_default()
+
+
+def _fit(img: np.ndarray, tile: int) -> tuple[Image.Image, tuple[int, int, int, int]]:
+  """Letterbox an image into a tile x tile square -> (tile image, (ox, oy, new_w, new_h))."""
+  h, w = img.shape[:2]
+  scale = tile / max(h, w)
+  new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+  canvas = Image.new("RGB", (tile, tile), BACKGROUND)
+  ox, oy = (tile - new_w) // 2, (tile - new_h) // 2
+  canvas.paste(Image.fromarray(img).resize((new_w, new_h), Image.Resampling.BILINEAR), (ox, oy))
+  return canvas, (ox, oy, new_w, new_h)
+
+
+def _draw_box(draw, box, placement, offset, colour, width=2):
+  if box is None:
+    return
+  box = np.asarray(box, np.float64)
+  if box.shape != (4,) or np.all(box == -1):
+    return
+  ox, oy, new_w, new_h = placement
+  x0, y0 = offset[0] + ox + box[0] * new_w, offset[1] + oy + box[1] * new_h
+  x1, y1 = offset[0] + ox + box[2] * new_w - 1, offset[1] + oy + box[3] * new_h - 1
+  draw.rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=colour, width=width)
+
+
+def tile_origin(col: int, tile: int, top: int = TITLE_H) -> tuple[int, int]:
+  """Top-left pixel of column `col` in a panel (shared by the panels and their tests)."""
+  return PAD + col * (tile + PAD), top
+
+
+def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Sequence[bool],
+                    scores: Sequence[float], title: str, gt_box=None, *, tile: int = 160,
+                    alpha: float = 0.5) -> Image.Image:
+  """Query | heatmap with RoI box (yellow; GT cyan) | top-k with green/red frames and scores.
+
+  Boxes are (x0, y0, x1, y1) in [0, 1] coordinates of `query_image`. The panel is
+  (PAD + (k + 2) * (tile + PAD)) wide and (TITLE_H + tile + CAPTION_H) high.
+  """
+  k = len(candidates)
+  if len(relevant) != k or len(scores) != k:
+    raise ValueError(f"retrieval_panel got {k} candidates, {len(relevant)} relevance flags and "
+                     f"{len(scores)} scores; pass one of each per candidate.")
+  query = _as_uint8_rgb(query_image, "query_image")
+  width = PAD + (k + 2) * (tile + PAD)
+  panel = Image.new("RGB", (width, TITLE_H + tile + CAPTION_H), BACKGROUND)
+  draw = ImageDraw.Draw(panel)
+  font = _font(12)
+  draw.text((PAD, 5), title, fill=TEXT_COLOUR, font=font)
+
+  q_tile, placement = _fit(query, tile)
+  panel.paste(q_tile, tile_origin(0, tile))
+  heat_tile, _ = _fit(heatmap_overlay(query, attmap, alpha), tile)
+  heat_xy = tile_origin(1, tile)
+  panel.paste(heat_tile, heat_xy)
+  _draw_box(draw, gt_box, placement, heat_xy, GT_BOX_COLOUR)
+  _draw_box(draw, box, placement, heat_xy, BOX_COLOUR)
+  caption_y = TITLE_H + tile + 3
+  draw.text((tile_origin(0, tile)[0], caption_y), "query", fill=TEXT_COLOUR, font=font)
+  draw.text((heat_xy[0], caption_y), "attention + RoI", fill=TEXT_COLOUR, font=font)
+
+  for i, (cand, rel, score) in enumerate(zip(candidates, relevant, scores)):
+    c_tile, _ = _fit(_as_uint8_rgb(cand, f"candidates[{i}]"), tile)
+    x, y = tile_origin(i + 2, tile)
+    panel.paste(c_tile, (x, y))
+    colour = RELEVANT_COLOUR if rel else IRRELEVANT_COLOUR
+    draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=colour, width=FRAME)
+    draw.text((x, caption_y), f"#{i + 1}  {float(score):.3f}", fill=TEXT_COLOUR, font=font)
+  return panel
+
+
+def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Sequence[str], *,
+                   tile: int = 128, alpha: float = 0.5) -> Image.Image:
+  """Rows = images, columns = the image then one heatmap per attribute.
+
+  Args:
+    images: N uint8 images [H, W, 3] (sizes may differ).
+    attmaps_per_attribute: [N, A, h, w] attention maps, one per image and attribute.
+    attribute_names: A column titles.
+  """
+  maps = np.asarray(attmaps_per_attribute, np.float32)
+  n, a = len(images), len(attribute_names)
+  if maps.ndim != 4 or maps.shape[:2] != (n, a):
+    raise ValueError(f"attmaps_per_attribute must have shape [{n}, {a}, h, w] for {n} images and "
+                     f"{a} attribute names, got {maps.shape}.")
+  width = PAD + (a + 1) * (tile + PAD)
+  height = HEADER_H + n * (tile + PAD)
+  grid = Image.new("RGB", (width, height), BACKGROUND)
+  draw = ImageDraw.Draw(grid)
+  font = _font(11)
+  draw.text((PAD, 5), "image", fill=TEXT_COLOUR, font=font)
+  for j, name in enumerate(attribute_names):
+    draw.text((tile_origin(j + 1, tile)[0], 5), str(name), fill=TEXT_COLOUR, font=font)
+  for i, image in enumerate(images):
+    img = _as_uint8_rgb(image, f"images[{i}]")
+    y = HEADER_H + i * (tile + PAD)
+    grid.paste(_fit(img, tile)[0], (tile_origin(0, tile)[0], y))
+    for j in range(a):
+      cell, _ = _fit(heatmap_overlay(img, maps[i, j], alpha), tile)
+      grid.paste(cell, (tile_origin(j + 1, tile)[0], y))
+  return grid
+
+
+def save_panel(panel: Image.Image, path) -> str:
+  """Write a panel as PNG/JPEG/WebP (by extension), creating folders -> the path written."""
+  path = os.fspath(path)
+  ext = os.path.splitext(path)[1].lower()
+  if ext not in _SAVE_FORMATS:
+    raise ValueError(f"save_panel cannot write '{path}': use one of the extensions "
+                     f"{sorted(_SAVE_FORMATS)}.")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  panel.save(path, format=_SAVE_FORMATS[ext])
+  return path
+
+
+__all__ = [
+    "jet_colormap", "upsample_bilinear", "heatmap_overlay", "retrieval_panel", "attention_grid",
+    "save_panel", "tile_origin",
+]
