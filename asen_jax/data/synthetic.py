@@ -1,0 +1,320 @@
+"""Synthetic garments in the official ASEN layout, with ground-truth attribute boxes.
+
+    python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
+
+Each image shows one garment (body, sleeves, neckline, a button placket) on a cluttered,
+noisy background, JPEG-encoded. Five attributes, every image carries all of them:
+  colour, length, pattern   large, visible at any resolution (box: the garment / its body);
+  neckline, button          small details (a few % of the image width) that blur together at a
+                            ~96-128 px global view but are clear in a 2x zoomed crop (box: the
+                            neckline region / the button column).
+Detail shapes of one attribute have about the same ink area, so only their shape tells them
+apart. Everything is a pure function of (seed, split, index): same seed, same bytes.
+"""
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+ATTRIBUTES = ("colour", "length", "pattern", "neckline", "button")
+VALUE_NAMES = (
+    ("red", "orange", "yellow", "green", "blue", "purple"),
+    ("cropped", "hip", "knee", "ankle"),
+    ("plain", "h_stripes", "v_stripes", "checks"),
+    ("round", "v_neck", "square", "keyhole"),
+    ("round", "square", "diamond", "ring"),
+)
+GLOBAL_ATTRIBUTES = ("colour", "length", "pattern")
+DETAIL_ATTRIBUTES = ("neckline", "button")
+SPLITS = ("train", "valid", "test")
+_SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
+
+_HUES = (0.0, 0.08, 0.155, 0.33, 0.61, 0.78)   # HSV hue of each colour value
+_LENGTHS = (0.9, 1.2, 1.5, 1.8)                # body height / shoulder width
+# (width, height): long side 256, varied aspect ratios so resize + centre crop matter.
+_CANVASES = ((256, 256), (256, 192), (192, 256), (256, 224), (224, 256), (256, 176), (176, 256))
+_SS = 2  # supersampling factor: draw at 2x, box-filter down (anti-aliased small shapes)
+
+
+def _hsv_to_rgb(h, s, v):
+  i = int(h * 6.0) % 6
+  f = h * 6.0 - int(h * 6.0)
+  p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+  rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
+  return tuple(int(round(255 * c)) for c in rgb)
+
+
+def _clutter_colour(rng):
+  # Low saturation so that the garment's colour is the only strongly coloured object.
+  return _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.25, 0.95))
+
+
+def _draw_background(draw, rng, w, h):
+  for _ in range(int(rng.integers(10, 22))):
+    kind = rng.integers(4)
+    x0, y0 = rng.uniform(-0.2 * w, w), rng.uniform(-0.2 * h, h)
+    bw, bh = rng.uniform(0.05, 0.45) * w, rng.uniform(0.05, 0.45) * h
+    box = [x0, y0, x0 + bw, y0 + bh]
+    colour = _clutter_colour(rng)
+    if kind == 0:
+      draw.rectangle(box, fill=colour)
+    elif kind == 1:
+      draw.ellipse(box, fill=colour)
+    elif kind == 2:
+      draw.line(box, fill=colour, width=int(rng.integers(2, 12)))
+    else:  # Small dark blobs that look a bit like buttons at low resolution.
+      for _ in range(int(rng.integers(2, 6))):
+        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.008, 0.02) * w
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_clutter_colour(rng))
+
+
+def _neckline_polygon_or_shapes(kind, cx, ty, nw, nd):
+  """Returns [(shape, coords)] for one neckline value; all have ~equal area."""
+  if kind == 0:  # round: lower half-ellipse, area pi/4 * nw * nd
+    return [("pieslice", [cx - nw / 2, ty - nd, cx + nw / 2, ty + nd])]
+  if kind == 1:  # v_neck: triangle scaled to the same area
+    k = np.sqrt(np.pi / 2)
+    return [("polygon", [(cx - k * nw / 2, ty), (cx + k * nw / 2, ty), (cx, ty + k * nd)])]
+  if kind == 2:  # square
+    k = np.sqrt(np.pi / 4)
+    return [("rectangle", [cx - k * nw / 2, ty, cx + k * nw / 2, ty + k * nd])]
+  # keyhole: smaller round neck plus a slit with a round end
+  k = 0.7
+  slit_w, slit_d = 0.22 * nw, 1.0 * nd
+  r = 0.2 * nw
+  return [("pieslice", [cx - k * nw / 2, ty - k * nd, cx + k * nw / 2, ty + k * nd]),
+          ("rectangle", [cx - slit_w / 2, ty, cx + slit_w / 2, ty + slit_d]),
+          ("ellipse", [cx - r, ty + slit_d - r, cx + r, ty + slit_d + r])]
+
+
+def _draw_shapes(draw, shapes, fill):
+  for shape, coords in shapes:
+    if shape == "pieslice":
+      draw.pieslice(coords, 0, 180, fill=fill)
+    elif shape == "polygon":
+      draw.polygon(coords, fill=fill)
+    elif shape == "rectangle":
+      draw.rectangle(coords, fill=fill)
+    else:
+      draw.ellipse(coords, fill=fill)
+
+
+def _draw_button(draw, kind, cx, cy, r, fill, inner):
+  """One button of 'radius' r; the four shapes have ~equal ink area (pi r^2)."""
+  if kind == 0:
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+  elif kind == 1:
+    a = np.sqrt(np.pi) * r / 2
+    draw.rectangle([cx - a, cy - a, cx + a, cy + a], fill=fill)
+  elif kind == 2:
+    a = np.sqrt(np.pi / 2) * r
+    draw.polygon([(cx, cy - a), (cx + a, cy), (cx, cy + a), (cx - a, cy)], fill=fill)
+  else:  # ring: outer 1.3 r, hole 0.8 r -> ink area 1.05 pi r^2
+    ro, ri = 1.3 * r, 0.8 * r
+    draw.ellipse([cx - ro, cy - ro, cx + ro, cy + ro], fill=fill)
+    draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=inner)
+
+
+def render_garment(seed, split, index, labels):
+  """Draws one image; returns (jpeg_bytes, (width, height), boxes[A][4] in pixels)."""
+  rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
+  colour, length, pattern, neckline, button = (int(v) for v in labels)
+  w, h = _CANVASES[int(rng.integers(len(_CANVASES)))]
+  m = min(w, h)
+  # The garment stays inside the central square that the shorter-side crop keeps.
+  off_x, off_y = (w - m) / 2, (h - m) / 2
+
+  s = rng.uniform(0.30, 0.40) * m                                     # shoulder width
+  body_h = s * _LENGTHS[length] * rng.uniform(0.97, 1.03)
+  hem_half = s / 2 * rng.uniform(1.0, 1.15)
+  sleeve_out, sleeve_drop, sleeve_w = 0.42 * s, 0.5 * s, 0.2 * s
+  half_w = max(s / 2 + sleeve_out + 0.02 * s, hem_half)
+  neck_up = 0.02 * s
+  margin = 0.04 * m
+  cx = off_x + rng.uniform(margin + half_w, m - margin - half_w)
+  ty = off_y + rng.uniform(margin + neck_up, m - margin - body_h)
+
+  img = Image.new("RGB", (w * _SS, h * _SS), _clutter_colour(rng))
+  draw = ImageDraw.Draw(img)
+  _draw_background(draw, rng, w * _SS, h * _SS)
+
+  # Garment silhouette as a mask; pattern and shading are applied in numpy.
+  def p(x, y):
+    return (x * _SS, y * _SS)
+
+  mask = Image.new("L", img.size, 0)
+  mdraw = ImageDraw.Draw(mask)
+  body = [p(cx - s / 2, ty), p(cx + s / 2, ty), p(cx + hem_half, ty + body_h),
+          p(cx - hem_half, ty + body_h)]
+  mdraw.polygon(body, fill=255)
+  for sign in (-1, 1):
+    sx = cx + sign * s / 2
+    mdraw.polygon([p(sx, ty), p(sx + sign * sleeve_out, ty + sleeve_drop),
+                   p(sx + sign * (sleeve_out - 0.05 * s), ty + sleeve_drop + sleeve_w),
+                   p(sx, ty + 0.32 * s)], fill=255)
+  base = np.array(_hsv_to_rgb((_HUES[colour] + rng.uniform(-0.02, 0.02)) % 1.0,
+                              rng.uniform(0.6, 0.9), rng.uniform(0.65, 0.95)), np.float32)
+  # Only the garment's bounding region is composited (keeps generation fast).
+  gx0, gy0 = int((cx - half_w) * _SS) - 2, int(ty * _SS) - 2
+  gx1, gy1 = int(np.ceil((cx + half_w) * _SS)) + 2, int(np.ceil((ty + body_h) * _SS)) + 2
+  yy = (np.arange(gy0, gy1, dtype=np.float32) / _SS)[:, None]
+  xx = (np.arange(gx0, gx1, dtype=np.float32) / _SS)[None, :]
+  period = 0.2 * s
+  phase_x, phase_y = rng.uniform(0, period, size=2)
+  hs = ((yy - ty + phase_y) % period) < period / 2
+  vs = ((xx - cx + phase_x) % period) < period / 2
+  stripes = [np.zeros((1, 1), bool), hs, vs, hs ^ vs][pattern]
+  shade = 1.0 - 0.45 * stripes.astype(np.float32)
+  shade = shade * (1.0 - 0.15 * (yy - ty) / (body_h + 1.0))   # soft vertical lighting gradient
+  cloth = base * shade[..., None]
+  alpha = np.asarray(mask, np.float32)[gy0:gy1, gx0:gx1, None] / 255.0
+  arr = np.array(img)
+  region = arr[gy0:gy1, gx0:gx1].astype(np.float32)
+  arr[gy0:gy1, gx0:gx1] = np.clip(region * (1 - alpha) + cloth * alpha + 0.5, 0, 255)
+  img = Image.fromarray(arr)
+  draw = ImageDraw.Draw(img)
+
+  # Neckline: a dark cut-out at the top centre.
+  nw, nd = 0.16 * s, 0.1 * s
+  inner = tuple(int(c) for c in rng.integers(30, 70, size=3))
+  shapes = _neckline_polygon_or_shapes(neckline, cx * _SS, ty * _SS, nw * _SS, nd * _SS)
+  _draw_shapes(draw, shapes, inner)
+
+  # Placket with three buttons of one shape.
+  pk_w = 0.1 * s
+  pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
+  placket = tuple(int(min(255, c * 1.15 + 20)) for c in base)
+  draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
+  r = 0.032 * s
+  button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
+  ys = np.linspace(pk_y0 + 0.07 * s, pk_y1 - 0.07 * s, 3)
+  for by in ys:
+    _draw_button(draw, button, cx * _SS, by * _SS, r * _SS, button_fill, placket)
+
+  img = img.resize((w, h), Image.Resampling.BOX)
+  arr = np.asarray(img, np.float32)
+  arr = arr + rng.uniform(2.0, 7.0) * rng.standard_normal(arr.shape, dtype=np.float32)
+  img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8))
+  buf = io.BytesIO()
+  img.save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
+
+  garment = [cx - half_w, ty - neck_up, cx + half_w, ty + body_h]
+  body_box = [cx - hem_half, ty, cx + hem_half, ty + body_h]
+  neck_box = [cx - 0.17 * s, ty - 0.04 * s, cx + 0.17 * s, ty + 0.2 * s]
+  button_box = [cx - 0.1 * s, ys[0] - 0.09 * s, cx + 0.1 * s, ys[-1] + 0.09 * s]
+  boxes = [garment, garment, body_box, neck_box, button_box]
+  boxes = [[round(float(v), 2) for v in b] for b in boxes]
+  return buf.getvalue(), (w, h), boxes
+
+
+def _balanced_labels(rng, n):
+  """[n, A] labels, each value of each attribute used floor/ceil(n / k) times."""
+  cols = []
+  for names in VALUE_NAMES:
+    k = len(names)
+    if n < k:
+      raise ValueError(f"A split of {n} images cannot cover all {k} values of an attribute; "
+                       f"use at least {max(len(v) for v in VALUE_NAMES)} images per split.")
+    cols.append(rng.permutation(np.arange(n) % k))
+  return np.stack(cols, axis=1)
+
+
+def _query_candidate_split(rng, labels, query_fraction):
+  """Per attribute, a value-stratified query subset; the remaining images are candidates."""
+  queries, candidates = [], []
+  n = len(labels)
+  for a in range(labels.shape[1]):
+    order = np.lexsort((rng.permutation(n), labels[:, a]))   # by value, random within value
+    is_query = np.zeros(n, bool)
+    step = 1.0 / query_fraction
+    is_query[order[np.floor(np.arange(0, n, step)).astype(int)]] = True
+    for fid in range(n):
+      (queries if is_query[fid] else candidates).append((fid, a, int(labels[fid, a])))
+  return queries, candidates
+
+
+def _render_job(args):
+  return render_garment(*args)
+
+
+def generate(out, *, seed=0, num_train=3000, num_valid=400, num_test=800, query_fraction=0.2,
+             folder="Synthetic", workers=0, verbose=False):
+  """Writes <out>/<folder>/ in the official layout plus meta.json; returns that path."""
+  if not 0.0 < query_fraction < 1.0:
+    raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}.")
+  root = os.path.join(out, folder)
+  sizes = {"train": num_train, "valid": num_valid, "test": num_test}
+  meta = {"name": folder, "seed": seed, "attributes": list(ATTRIBUTES),
+          "num_values": [len(v) for v in VALUE_NAMES], "value_names": [list(v) for v in VALUE_NAMES],
+          "global_attributes": list(GLOBAL_ATTRIBUTES), "detail_attributes": list(DETAIL_ATTRIBUTES),
+          "box_format": "x0, y0, x1, y1 in original image pixels", "splits": {}}
+  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+  try:
+    for split in SPLITS:
+      t0 = time.time()
+      n = sizes[split]
+      labels = _balanced_labels(np.random.default_rng([seed, _SPLIT_CODE[split], 2**31]), n)
+      os.makedirs(os.path.join(root, "images", split), exist_ok=True)
+      jobs = [(seed, split, i, labels[i].tolist()) for i in range(n)]
+      results = (pool.imap(_render_job, jobs, chunksize=16) if pool
+                 else map(_render_job, jobs))
+      names, image_sizes, boxes = [], [], []
+      for i, (jpeg, size, bxs) in enumerate(results):
+        name = f"images/{split}/{i:06d}.jpg"
+        with open(os.path.join(root, name), "wb") as f:
+          f.write(jpeg)
+        names.append(name)
+        image_sizes.append(list(size))
+        boxes.append(bxs)
+      with open(os.path.join(root, f"filenames_{split}.txt"), "w") as f:
+        f.write("".join(f"{name}\n" for name in names))
+      if split == "train":
+        with open(os.path.join(root, "label_train.txt"), "w") as f:
+          for fid, row in enumerate(labels):
+            pairs = " ".join(f"{a} {int(v)}" for a, v in enumerate(row))
+            f.write(f"{fid} {pairs}\n")
+      else:
+        qc_rng = np.random.default_rng([seed, _SPLIT_CODE[split], 2**31 + 1])
+        queries, candidates = _query_candidate_split(qc_rng, labels, query_fraction)
+        for kind, lines in (("query", queries), ("candidate", candidates)):
+          with open(os.path.join(root, f"{kind}_{split}.txt"), "w") as f:
+            f.write("".join(f"{fid} {a} {v}\n" for fid, a, v in lines))
+      meta["splits"][split] = {"image_size_wh": image_sizes, "labels": labels.tolist(),
+                               "boxes": boxes}
+      if verbose:
+        print(f"{split}: {n} images in {time.time() - t0:.1f}s", flush=True)
+  finally:
+    if pool:
+      pool.close()
+      pool.join()
+  with open(os.path.join(root, "meta.json"), "w") as f:
+    json.dump(meta, f, separators=(",", ":"))
+  return root
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default="data", help="writes <out>/<folder>/")
+  parser.add_argument("--folder", default="Synthetic")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--num_train", type=int, default=3000)
+  parser.add_argument("--num_valid", type=int, default=400)
+  parser.add_argument("--num_test", type=int, default=800)
+  parser.add_argument("--query_fraction", type=float, default=0.2,
+                      help="per attribute, this fraction of a valid/test split are queries")
+  parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+  args = parser.parse_args(argv)
+  t0 = time.time()
+  root = generate(args.out, seed=args.seed, num_train=args.num_train, num_valid=args.num_valid,
+                  num_test=args.num_test, query_fraction=args.query_fraction, folder=args.folder,
+                  workers=args.workers, verbose=True)
+  print(f"Wrote {root} in {time.time() - t0:.1f}s.")
+
+
+if __name__ == "__main__":
+  main()
