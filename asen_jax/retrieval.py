@@ -55,6 +55,11 @@ def _mask(mask: Any, name: str, n: int) -> np.ndarray:
 
 def _embeddings(x: Any, name: str) -> jax.Array:
   emb = jnp.asarray(x, dtype=jnp.float32)
+  # Embeddings sharded over a mesh (a data-parallel embedding pass) are replicated on that
+  # mesh: a row gather from a sharded array inside the kernel has no unambiguous sharding.
+  sharding = getattr(emb, "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding) and not sharding.is_fully_replicated:
+    emb = jax.device_put(emb, jax.sharding.NamedSharding(sharding.mesh, jax.P()))
   if emb.ndim != 2:
     raise ValueError(f"{name} must be a 2-D array [rows, dim], got shape {emb.shape}.")
   return emb

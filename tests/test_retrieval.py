@@ -208,3 +208,20 @@ def test_pointing_accuracy_hand_case():
   assert res["num_pairs"] == {"collar": 3, "sleeve": 1, "neck": 0}
   with pytest.raises(ValueError, match="boxes_b4 row 1"):
     retrieval.pointing_accuracy(att[:2], np.array([[0, 0, 1, 1], [0.5, 0, 0.2, 1]]), [0, 0], 3)
+
+
+def test_embeddings_sharded_over_a_mesh():
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  q_emb, q_attr, q_val, c_emb, c_attr, c_val, q_mask, c_mask = _random_problem(6, num_q=64,
+                                                                               num_c=160)
+  kw = dict(query_mask=q_mask, cand_mask=c_mask)
+  want = retrieval.average_precision(q_emb, q_attr, q_val, c_emb, c_attr, c_val, **kw)
+  mesh = jax.make_mesh((8,), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  q_dev, c_dev = jax.device_put(q_emb, rows), jax.device_put(c_emb, rows)
+  got = retrieval.average_precision(q_dev, q_attr, q_val, c_dev, c_attr, c_val, **kw)
+  np.testing.assert_array_equal(got, want)
+  with jax.set_mesh(mesh):
+    got = retrieval.average_precision(q_dev, q_attr, q_val, c_dev, c_attr, c_val, **kw)
+  np.testing.assert_array_equal(got, want)
