@@ -261,9 +261,13 @@ def expected_random_ap(num_candidates, num_relevant) -> np.ndarray:
 
 
 def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attributes: int,
-                       attribute_names: Sequence[str] | None = None, *,
-                       query_mask=None, cand_mask=None) -> dict[str, Any]:
-  """Exact expected MAP of a uniformly random ranking, same dict layout as mean_average_precision."""
+                       attribute_names: Sequence[str] | None = None, *, query_mask=None,
+                       cand_mask=None, per_attribute: bool = False) -> float | dict[str, Any]:
+  """Exact expected MAP (%) of a uniformly random ranking under the same protocol.
+
+  Returns the overall value as a float, or with `per_attribute=True` a dict laid out like
+  mean_average_precision's (map_overall, map_per_attribute, num_queries).
+  """
   names = _names(attribute_names, num_attributes)
   q_attr = _labels(query_attr, "query_attr")
   q_val = _labels(query_val, "query_val", q_attr.shape[0])
@@ -286,7 +290,8 @@ def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attribute
   r_q = np.where(uniq[pos] == key_q, cnt[pos], 0)
   n_q = n_per_attr[np.where(q_ok, q_attr, 0)]
   ap_q = np.where(q_ok, expected_random_ap(n_q, r_q), np.nan)
-  return _summarise(ap_q, q_attr, q_ok, num_attributes, names, "map")
+  res = _summarise(ap_q, q_attr, q_ok, num_attributes, names, "map")
+  return res if per_attribute else res["map_overall"]
 
 
 # --------------------------------------------------------------------------- #

@@ -160,8 +160,10 @@ def test_expected_random_ap_matches_monte_carlo(n, r):
 
 def test_random_ranking_map_matches_monte_carlo():
   _, q_attr, q_val, _, c_attr, c_val, q_mask, c_mask = _random_problem(4)
-  res = retrieval.random_ranking_map(q_attr, q_val, c_attr, c_val, 4,
+  res = retrieval.random_ranking_map(q_attr, q_val, c_attr, c_val, 4, per_attribute=True,
                                      query_mask=q_mask, cand_mask=c_mask)
+  assert retrieval.random_ranking_map(q_attr, q_val, c_attr, c_val, 4, query_mask=q_mask,
+                                      cand_mask=c_mask) == res["map_overall"]
   # Monte-Carlo over the full pipeline: random embeddings give a uniformly random ranking.
   rng = np.random.default_rng(5)
   maps = []
