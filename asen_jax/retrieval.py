@@ -37,10 +37,11 @@ def _labels(x: Any, name: str, n: int | None = None) -> np.ndarray:
     raise ValueError(f"{name} must be a 1-D array of integers, got shape {arr.shape}.")
   if n is not None and arr.shape[0] != n:
     raise ValueError(
-        f"{name} has {arr.shape[0]} entries but the embeddings have {n} rows; pass one per row.")
-  if arr.size and not np.issubdtype(arr.dtype, np.integer):
-    if not np.all(np.equal(np.mod(arr, 1), 0)):
-      raise ValueError(f"{name} must hold integer indices, got dtype {arr.dtype} with fractions.")
+        f"{name} has {arr.shape[0]} entries but there are {n} rows; pass one per row.")
+  if arr.dtype.kind not in "iubf" or (
+      arr.dtype.kind == "f" and not np.all(np.equal(np.mod(arr, 1), 0))):
+    raise ValueError(f"{name} must hold integer indices, got dtype {arr.dtype}; map names or "
+                     "fractional labels to integer indices first.")
   return arr.astype(np.int64)
 
 
@@ -55,13 +56,13 @@ def _mask(mask: Any, name: str, n: int) -> np.ndarray:
 
 def _embeddings(x: Any, name: str) -> jax.Array:
   emb = jnp.asarray(x, dtype=jnp.float32)
+  if emb.ndim != 2:
+    raise ValueError(f"{name} must be a 2-D array [rows, dim], got shape {emb.shape}.")
   # Embeddings sharded over a mesh (a data-parallel embedding pass) are replicated on that
   # mesh: a row gather from a sharded array inside the kernel has no unambiguous sharding.
   sharding = getattr(emb, "sharding", None)
   if isinstance(sharding, jax.sharding.NamedSharding) and not sharding.is_fully_replicated:
     emb = jax.device_put(emb, jax.sharding.NamedSharding(sharding.mesh, jax.P()))
-  if emb.ndim != 2:
-    raise ValueError(f"{name} must be a 2-D array [rows, dim], got shape {emb.shape}.")
   return emb
 
 

@@ -132,6 +132,8 @@ def test_bad_inputs_raise_one_clear_sentence():
     retrieval.average_precision(q * np.nan, [0, 0], [0, 0], c, [0] * 4, [0] * 4)
   with pytest.raises(ValueError, match="num_attributes is 2"):
     retrieval.mean_average_precision(q, [0, 2], [0, 0], c, [0] * 4, [0] * 4, 2)
+  with pytest.raises(ValueError, match="query_val must hold integer indices"):
+    retrieval.average_precision(q, [0, 0], ["v-neck", "round"], c, [0] * 4, [0] * 4)
   with pytest.raises(ValueError, match="chunk_size"):
     retrieval.average_precision(q, [0, 0], [0, 0], c, [0] * 4, [0] * 4, chunk_size=0)
   with pytest.raises(ValueError, match="every query is masked out"):
