@@ -134,7 +134,7 @@ def render_garment(seed, split, index, labels):
   hem_half = s / 2 * rng.uniform(1.0, 1.15)
   sleeve_out, sleeve_drop, sleeve_w = 0.42 * s, 0.5 * s, 0.2 * s
   half_w = max(s / 2 + sleeve_out + 0.02 * s, hem_half)
-  neck_up = 0.02 * s
+  neck_up = 0.04 * s   # the neckline box reaches above the shoulder line
   margin = 0.04 * m
   cx = off_x + rng.uniform(margin + half_w, m - margin - half_w)
   ty = off_y + rng.uniform(margin + neck_up, m - margin - body_h)
@@ -225,14 +225,16 @@ def _balanced_labels(rng, n):
 
 
 def _query_candidate_split(rng, labels, query_fraction):
-  """Per attribute, a value-stratified query subset; the remaining images are candidates."""
+  """Per attribute and value, a query_fraction share of the images (at least one, and at least
+  one left as candidate) are queries; the rest are candidates."""
   queries, candidates = [], []
   n = len(labels)
   for a in range(labels.shape[1]):
-    order = np.lexsort((rng.permutation(n), labels[:, a]))   # by value, random within value
     is_query = np.zeros(n, bool)
-    step = 1.0 / query_fraction
-    is_query[order[np.floor(np.arange(0, n, step)).astype(int)]] = True
+    for v in np.unique(labels[:, a]):
+      ids = rng.permutation(np.flatnonzero(labels[:, a] == v))
+      if len(ids) >= 2:
+        is_query[ids[:min(len(ids) - 1, max(1, round(query_fraction * len(ids))))]] = True
     for fid in range(n):
       (queries if is_query[fid] else candidates).append((fid, a, int(labels[fid, a])))
   return queries, candidates

@@ -1,0 +1,125 @@
+"""Synthetic garments: determinism, value coverage, layout, boxes, labels that match pixels."""
+import colorsys
+import hashlib
+import json
+import os
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from asen_jax.data import synthetic
+
+SIZES = dict(num_train=30, num_valid=12, num_test=12)
+
+
+def _digest(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+  return out
+
+
+def _read_triples(path):
+  with open(path) as f:
+    return [tuple(int(t) for t in line.split()) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  out = tmp_path_factory.mktemp("syn")
+  return synthetic.generate(str(out), seed=3, **SIZES)
+
+
+def test_same_seed_same_bytes(tiny, tmp_path):
+  again = synthetic.generate(str(tmp_path / "again"), seed=3, **SIZES)
+  other = synthetic.generate(str(tmp_path / "other"), seed=4, **SIZES)
+  a, b, c = _digest(tiny), _digest(again), _digest(other)
+  assert len(a) == 30 + 12 + 12 + 8 + 1   # images, 8 split files, meta.json
+  assert a == b
+  jpgs = [k for k in a if k.endswith(".jpg")]
+  assert sum(a[k] != c[k] for k in jpgs) == len(jpgs)
+
+
+def test_every_split_covers_every_value(tiny):
+  meta = json.load(open(os.path.join(tiny, "meta.json")))
+  k = meta["num_values"]
+  assert len(k) >= 5 and all(3 <= n <= 8 for n in k)
+  train = _read_triples(os.path.join(tiny, "label_train.txt"))
+  assert len(train) == 30
+  for a, n in enumerate(k):
+    assert {line[2 + 2 * a] for line in train} == set(range(n))
+    # Balanced: every value appears floor or ceil(30 / n) times.
+    counts = np.bincount([line[2 + 2 * a] for line in train], minlength=n)
+    assert counts.max() - counts.min() <= 1
+  for split in ("valid", "test"):
+    for which in ("query", "candidate"):
+      lines = _read_triples(os.path.join(tiny, f"{which}_{split}.txt"))
+      for a, n in enumerate(k):
+        assert {v for _, aa, v in lines if aa == a} == set(range(n)), (split, which, a)
+
+
+def test_layout_queries_candidates_and_boxes(tiny):
+  meta = json.load(open(os.path.join(tiny, "meta.json")))
+  for split, n in (("train", 30), ("valid", 12), ("test", 12)):
+    names = open(os.path.join(tiny, f"filenames_{split}.txt")).read().split()
+    assert len(names) == n and all(os.path.isfile(os.path.join(tiny, p)) for p in names)
+    labels = np.asarray(meta["splits"][split]["labels"])
+    if split != "train":
+      q = _read_triples(os.path.join(tiny, f"query_{split}.txt"))
+      c = _read_triples(os.path.join(tiny, f"candidate_{split}.txt"))
+      for a in range(5):
+        qa = {fid for fid, aa, _ in q if aa == a}
+        ca = {fid for fid, aa, _ in c if aa == a}
+        assert not qa & ca and qa | ca == set(range(n))   # disjoint, every image once
+        assert 0.15 * n <= len(qa) <= 0.55 * n
+      assert all(labels[fid, a] == v for fid, a, v in q + c)
+    for fid, name in enumerate(names):
+      with Image.open(os.path.join(tiny, name)) as im:
+        w, h = im.size
+      assert [w, h] == meta["splits"][split]["image_size_wh"][fid]
+      assert max(w, h) == 256
+      s0 = min(w, h)
+      garment, _, body, neck, button = np.asarray(meta["splits"][split]["boxes"][fid])
+      # The garment lies inside the centre crop, details inside the garment.
+      assert garment[0] >= (w - s0) / 2 and garment[2] <= (w + s0) / 2
+      assert garment[1] >= (h - s0) / 2 and garment[3] <= (h + s0) / 2
+      for box in (body, neck, button):
+        assert box[0] >= garment[0] - 1e-3 and box[2] <= garment[2] + 1e-3
+        assert box[1] >= garment[1] - 1e-3 and box[3] <= garment[3] + 1e-3
+      # Details are small: a few % of the crop width.
+      assert (neck[2] - neck[0]) / s0 < 0.15 and (button[2] - button[0]) / s0 < 0.1
+      assert (garment[2] - garment[0]) / s0 > 0.5
+
+
+def test_colour_label_matches_pixels(tiny):
+  """The dominant hue inside the body (beside the placket) is the labelled colour."""
+  meta = json.load(open(os.path.join(tiny, "meta.json")))
+  hues = np.array([0.0, 0.08, 0.155, 0.33, 0.61, 0.78])
+  names = open(os.path.join(tiny, "filenames_train.txt")).read().split()
+  for fid, name in enumerate(names):
+    x0, y0, x1, y1 = meta["splits"]["train"]["boxes"][fid][2]
+    img = np.asarray(Image.open(os.path.join(tiny, name)).convert("RGB"), np.float32) / 255
+    # Left third of the body, below the neckline: cloth only.
+    patch = img[int(y0 + 0.3 * (y1 - y0)):int(y1 - 2), int(x0 + 0.12 * (x1 - x0)):int(x0 + 0.3 * (x1 - x0))]
+    mean = patch.reshape(-1, 3).mean(0)
+    h = colorsys.rgb_to_hsv(*mean)[0]
+    dist = np.minimum(np.abs(hues - h), 1 - np.abs(hues - h))
+    assert int(np.argmin(dist)) == meta["splits"]["train"]["labels"][fid][0], fid
+
+
+def test_cli_writes_layout(tmp_path):
+  synthetic.main(["--out", str(tmp_path), "--num_train", "8", "--num_valid", "6", "--num_test",
+                  "6", "--workers", "0", "--seed", "1"])
+  assert sorted(os.listdir(tmp_path / "Synthetic")) == [
+      "candidate_test.txt", "candidate_valid.txt", "filenames_test.txt", "filenames_train.txt",
+      "filenames_valid.txt", "images", "label_train.txt", "meta.json", "query_test.txt",
+      "query_valid.txt"]
+
+
+def test_too_small_split_is_one_clear_error(tmp_path):
+  with pytest.raises(ValueError, match="at least 6 images per split"):
+    synthetic.generate(str(tmp_path), num_train=4, num_valid=6, num_test=6)
