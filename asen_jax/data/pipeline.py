@@ -3,6 +3,7 @@
 Host work: decode, resize the shorter side (bilinear), centre-crop; a second, higher-resolution
 view of the same field of view feeds the on-device RoI crop. Normalisation happens on device.
 """
+import functools
 import io
 import os
 import warnings
@@ -142,22 +143,8 @@ def make_train_sampler(config, seed):
   return TripletSampler(builder.train_labels(config), info.num_values, seed, info.attributes)
 
 
-def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_count=None,
-                      start_step=0):
-  """Infinite grain IterDataset of this process's training batches.
-
-  Yields {'images': uint8[B, 3, S, S, 3] (anchor, positive, negative), 'hires': uint8[B, 3, R,
-  R, 3], 'attribute', 'value_pos', 'value_neg': int32[B]} with B = train.batch_size //
-  shard_count. `iter()` gives a grain iterator with get_state/set_state (orbax-checkpointable
-  with grain.checkpoint.CheckpointSave/CheckpointRestore). `start_step` skips whole steps,
-  for resuming without an iterator state.
-  """
-  _check_shard(config.train.batch_size, shard_index, shard_count, "train.batch_size")
-  builder.prepare_dataset(config)
-  per_shard = config.train.batch_size // shard_count
-  sampler = make_train_sampler(config, seed)
-  source = builder.split_source(config, "train")
-  worker_count = config.data.worker_count if worker_count is None else worker_count
+def _train_pipeline(config, sampler, source, per_shard, shard_index, shard_count, worker_count,
+                    start_step):
   ds = grain.MapDataset.range(start_step * per_shard, _MAX_INDEX)
   ds = ds.map(_ShardIndexMap(per_shard, shard_index, shard_count))
   ds = ds.map(_LoadTriplet(source, sampler, config.data.image_size, config.data.hires_size))
@@ -165,10 +152,93 @@ def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_coun
   # Threads decode within a process (PIL releases the GIL); buffers are a few batches, not 500.
   threads = max(1, min(4, os.cpu_count() or 1))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=threads))
-  if worker_count and worker_count > 0:
+  if worker_count > 0:
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=2))
   return ds
+
+
+class _TrainIterator(grain.DatasetIterator):
+  """Steps through the training stream; its state is just the global step.
+
+  Batch t is a pure function of (seed, t), so the state {'step': t} restores the same batches
+  under any worker count (grain's own multi-worker state would tie a resume to the same
+  worker count). The grain pipeline below is rebuilt from that step on set_state.
+  """
+
+  def __init__(self, build, start_step, fingerprint):
+    super().__init__()
+    self._build, self._step, self._fingerprint = build, int(start_step), fingerprint
+    self._inner = None
+
+  def _ensure_inner(self):
+    if self._inner is None:
+      self._inner = iter(self._build(self._step))
+    return self._inner
+
+  def __next__(self):
+    self._assert_not_closed()
+    batch = next(self._ensure_inner())
+    self._step += 1
+    return batch
+
+  def get_state(self):
+    return {"step": self._step, **self._fingerprint}
+
+  def set_state(self, state):
+    for key, value in self._fingerprint.items():
+      if state.get(key) != value:
+        raise ValueError(f"The data iterator state was saved with {key}={state.get(key)}, but "
+                         f"this run has {key}={value}; resume with the same setting or start a "
+                         "new workdir.")
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    self._step = int(state["step"])
+
+  def start_prefetch(self):
+    inner = self._ensure_inner()
+    if hasattr(inner, "start_prefetch"):
+      inner.start_prefetch()
+
+  def close(self):
+    if self._inner is not None:
+      self._inner.close()
+      self._inner = None
+    super().close()
+
+
+class _TrainStream(grain.IterDataset):
+  """IterDataset whose iterators are `_TrainIterator`s."""
+
+  def __init__(self, build, start_step, fingerprint):
+    super().__init__()
+    self._build, self._start_step, self._fingerprint = build, start_step, fingerprint
+
+  def __iter__(self):
+    return _TrainIterator(self._build, self._start_step, self._fingerprint)
+
+
+def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_count=None,
+                      start_step=0):
+  """Infinite grain IterDataset of this process's training batches.
+
+  Yields {'images': uint8[B, 3, S, S, 3] (anchor, positive, negative), 'hires': uint8[B, 3, R,
+  R, 3], 'attribute', 'value_pos', 'value_neg': int32[B]} with B = train.batch_size //
+  shard_count. `iter()` gives a grain DatasetIterator whose get_state/set_state ({'step': t},
+  orbax-checkpointable with grain.checkpoint.CheckpointSave/CheckpointRestore) resume at global
+  step t under any worker count. `start_step` starts there without a saved state.
+  """
+  _check_shard(config.train.batch_size, shard_index, shard_count, "train.batch_size")
+  builder.prepare_dataset(config)
+  per_shard = config.train.batch_size // shard_count
+  sampler = make_train_sampler(config, seed)
+  source = builder.split_source(config, "train")
+  worker_count = config.data.worker_count if worker_count is None else worker_count
+  build = functools.partial(_train_pipeline, config, sampler, source, per_shard, shard_index,
+                            shard_count, max(0, int(worker_count or 0)))
+  fingerprint = {"seed": int(seed), "global_batch_size": int(config.train.batch_size)}
+  return _TrainStream(build, start_step, fingerprint)
 
 
 class _LoadEval(grain.transforms.Map):
