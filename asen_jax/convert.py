@@ -4,6 +4,7 @@ Every load goes through a strict check that names each missing, unexpected or mi
 one sentence, so a wrong file never silently half-loads. PyTorch conv weights are (O, I, kh, kw)
 and Flax kernels (kh, kw, I, O); linear weights are (out, in) and Flax kernels (in, out).
 """
+import codecs
 import collections
 from collections.abc import Mapping
 import io
@@ -226,6 +227,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store scalar bytes
         ("numpy.core.multiarray", "scalar"): getattr(np, "_core", np).multiarray.scalar,
         ("numpy._core.multiarray", "scalar"): getattr(np, "_core", np).multiarray.scalar,
     }

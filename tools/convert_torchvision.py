@@ -19,11 +19,11 @@ from asen_jax import convert  # noqa: E402  pylint: disable=g-import-not-at-top
 from asen_jax import resnet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def convert_file(arch, input_path, output_path, num_stages=3):
+def convert_file(arch, input_path, output_path, num_stages=3, width=1.0):
   """Writes the kept torchvision keys of `input_path` to `output_path`; returns them."""
   state_dict = convert.read_weight_file(input_path)
   # Strict check first: a wrong arch or a non-ResNet file fails here with the key list.
-  convert.torchvision_to_backbone(state_dict, arch, num_stages, source=input_path)
+  convert.torchvision_to_backbone(state_dict, arch, num_stages, width, source=input_path)
   prefixes = ("conv1.", "bn1.") + tuple(f"layer{i}." for i in range(1, num_stages + 1))
   kept = {k: np.asarray(v, np.float32) for k, v in state_dict.items()
           if k.startswith(prefixes) and not k.endswith("num_batches_tracked")}
@@ -44,9 +44,11 @@ def main(argv=None):
   parser.add_argument("--input", required=True, help="torchvision .pth file")
   parser.add_argument("--output", required=True, help=".npz or .safetensors to write")
   parser.add_argument("--num_stages", type=int, default=3, help="3 for ASEN++ (no layer4)")
+  parser.add_argument("--width", type=float, default=1.0,
+                      help="channel multiplier of the file's network (1.0 for torchvision)")
   args = parser.parse_args(argv)
   try:
-    kept = convert_file(args.arch, args.input, args.output, args.num_stages)
+    kept = convert_file(args.arch, args.input, args.output, args.num_stages, args.width)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"Error: {e}")
   n = sum(v.size for k, v in kept.items() if "running_" not in k)
