@@ -129,7 +129,7 @@ def render_garment(seed, split, index, labels):
   # The garment stays inside the central square that the shorter-side crop keeps.
   off_x, off_y = (w - m) / 2, (h - m) / 2
 
-  s = rng.uniform(0.30, 0.40) * m                                     # shoulder width
+  s = rng.uniform(0.33, 0.42) * m                                     # shoulder width
   body_h = s * _LENGTHS[length] * rng.uniform(0.97, 1.03)
   hem_half = s / 2 * rng.uniform(1.0, 1.15)
   sleeve_out, sleeve_drop, sleeve_w = 0.42 * s, 0.5 * s, 0.2 * s
@@ -186,13 +186,13 @@ def render_garment(seed, split, index, labels):
   _draw_shapes(draw, shapes, inner)
 
   # Placket with three buttons of one shape.
-  pk_w = 0.1 * s
+  pk_w = 0.16 * s
   pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
   placket = tuple(int(min(255, c * 1.15 + 20)) for c in base)
   draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
-  r = 0.032 * s
+  r = 0.042 * s   # ~7 px wide at 256 px: a blob at a 96-128 px view, a shape at 2x
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
-  ys = np.linspace(pk_y0 + 0.07 * s, pk_y1 - 0.07 * s, 3)
+  ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
   for by in ys:
     _draw_button(draw, button, cx * _SS, by * _SS, r * _SS, button_fill, placket)
 
@@ -206,7 +206,7 @@ def render_garment(seed, split, index, labels):
   garment = [cx - half_w, ty - neck_up, cx + half_w, ty + body_h]
   body_box = [cx - hem_half, ty, cx + hem_half, ty + body_h]
   neck_box = [cx - 0.17 * s, ty - 0.04 * s, cx + 0.17 * s, ty + 0.2 * s]
-  button_box = [cx - 0.1 * s, ys[0] - 0.09 * s, cx + 0.1 * s, ys[-1] + 0.09 * s]
+  button_box = [cx - 0.11 * s, ys[0] - 0.1 * s, cx + 0.11 * s, ys[-1] + 0.1 * s]
   boxes = [garment, garment, body_box, neck_box, button_box]
   boxes = [[round(float(v), 2) for v in b] for b in boxes]
   return buf.getvalue(), (w, h), boxes
