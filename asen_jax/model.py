@@ -107,11 +107,14 @@ class ASENPP(nn.Module):
                        "build it with with_local=True to embed local crops.")
     return self.local_branch(crops_bhwc, self.attr_embedding(attributes_b), train)
 
-  def __call__(self, images_bhwc, attributes_b, crops_bhwc=None, train=False):
-    """Runs both branches (so `init` creates every variable) -> {'global': .., 'local': ..}."""
-    out = {"global": self.embed_global(images_bhwc, attributes_b, train)}
-    if self.with_local and crops_bhwc is not None:
-      out["local"] = self.embed_local(crops_bhwc, attributes_b, train)
+  def __call__(self, images, attributes, crops=None, train=False):
+    """Runs global and (with_local, crops given) local, so `init` creates every variable.
+
+    Returns {'global': (emb_bd, attmap_bhw)[, 'local': (emb_bd, attmap_bhw)]}.
+    """
+    out = {"global": self.embed_global(images, attributes, train)}
+    if self.with_local and crops is not None:
+      out["local"] = self.embed_local(crops, attributes, train)
     return out
 
 
