@@ -117,14 +117,14 @@ def load_for_eval(config, path, attributes):
   if path.endswith((".pth", ".tar")):
     if not os.path.exists(path):
       raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    variables, info = convert.official_to_variables(convert.read_weight_file(path))
+    variables, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
     if info["num_attributes"] != len(attributes):
       raise ValueError(f"Checkpoint {path} has {info['num_attributes']} attributes but the config "
                        f"has {len(attributes)} ({', '.join(attributes)}); use the config of the "
                        "dataset it was trained on.")
     meta = {"attributes": list(attributes), "stage": "joint" if info["stage"] == 2 else "global",
             "source": path}
-    model_config = config.model
+    model_config = ml_collections.ConfigDict(info["model"])
   else:
     variables, meta, step = ckpt_lib.load_model_variables(path, prefer="best")
     meta["checkpoint_step"] = step
@@ -163,7 +163,7 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
 def format_table(results):
   """A plain-text table of per-attribute MAP (and pointing accuracy) plus the overall line."""
   pointing = results.get("pointing_accuracy", {})
-  per_attr_pa = pointing.get("per_attribute", {}) if pointing else {}
+  per_attr_pa = pointing.get("pointing_per_attribute", {}) if pointing else {}
   lines = [f"{'attribute':<24}{'queries':>9}{'MAP %':>9}" + (f"{'pointing %':>12}"
                                                               if pointing else "")]
   for name, value in results["map_per_attribute"].items():
@@ -174,7 +174,7 @@ def format_table(results):
   total = sum(results["num_queries"].values())
   row = f"{'overall':<24}{total:>9d}{results['map_overall']:>9.2f}"
   if pointing:
-    row += f"{pointing['overall']:>12.2f}"
+    row += f"{pointing['pointing_overall']:>12.2f}"
   lines.append(row)
   lines.append(f"{'random ranking':<24}{'':>9}{results['map_random']:>9.2f}")
   return "\n".join(lines)

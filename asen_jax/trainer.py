@@ -131,7 +131,7 @@ def _subtree_merge(target, loaded, keys, source):
 def load_init_from(path, variables, attributes, joint):
   """Model variables of a previous run (or official .pth.tar) into a fresh init."""
   if path.endswith((".pth", ".tar")):
-    loaded, info = convert.official_to_variables(convert.read_weight_file(path))
+    loaded, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
     meta = {"attributes": None, "num_attributes": info["num_attributes"]}
   else:
     loaded, meta, _ = ckpt_lib.load_model_variables(path, prefer="latest")
