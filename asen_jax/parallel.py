@@ -4,6 +4,8 @@ The batch is sharded on 'data', the training state is replicated; `jax.jit` inse
 collectives (BatchNorm statistics and gradients are reduced over the global batch), so the same
 code runs on one CPU, eight GPUs or many TPU hosts.
 """
+import logging
+
 import jax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -11,7 +13,9 @@ import numpy as np
 
 
 def make_mesh():
-  return jax.make_mesh((jax.device_count(),), ("data",))
+  # Auto axes: jit propagates the batch sharding; model code stays sharding-agnostic.
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh):
@@ -40,3 +44,17 @@ def shard_batch(mesh, local_arrays):
 def replicate(mesh, tree):
   """Puts a host tree on every device (the same values on every process)."""
   return jax.device_put(tree, replicated(mesh))
+
+
+class _DropLibraryInfo(logging.Filter):
+  """Hides orbax/grain INFO chatter (every save logs a dozen lines); warnings still show."""
+
+  def filter(self, record):
+    noisy = any(s in record.pathname for s in ("/orbax/", "/grain/", "/etils/"))
+    return not (noisy and record.levelno < logging.WARNING)
+
+
+def quiet_library_logs():
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    handler.addFilter(_DropLibraryInfo())
+  logging.getLogger("absl").addFilter(_DropLibraryInfo())

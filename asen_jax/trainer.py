@@ -230,6 +230,7 @@ def _meta(config, info, step, **extra):
 def train_and_evaluate(config, workdir, init_from=None):
   """Runs (or resumes) one training stage; returns the final TrainState on the host."""
   os.makedirs(workdir, exist_ok=True)
+  parallel.quiet_library_logs()
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size)
   data_lib.prepare_dataset(config)
