@@ -13,7 +13,6 @@ of `filenames_<split>.txt`, in file order (shuffling disabled, so record order =
 The dataset's metadata.json keeps the attribute list, the train labels and the query/candidate
 lists per split, and the images skipped as corrupt (`data.skip_corrupt`).
 """
-import collections
 import concurrent.futures
 import io
 import json
@@ -390,10 +389,3 @@ def eval_lines(config, split, which):
                      f"('query', 'candidate'), got split={split!r}, which={which!r}.")
   return np.asarray(load_metadata(config)[which][split], np.int32).reshape(-1, 3)
 
-
-def value_counts(labels_rows, num_values):
-  """Per attribute, a Counter of value -> number of images (from (idx, a, v) rows)."""
-  counts = [collections.Counter() for _ in num_values]
-  for _, a, v in labels_rows:
-    counts[a][int(v)] += 1
-  return counts

@@ -35,9 +35,12 @@ def load_view(image_bytes, image_size, hires_size):
 
 
 def box_to_view(box_xyxy, width, height):
-  """Original-pixel box -> [0, 1] coordinates of the centre-cropped view (clipped); -1 stays."""
+  """Original-pixel box -> [0, 1] coordinates of the centre-cropped view (clipped).
+
+  The all -1 box (unknown) stays all -1.
+  """
   box = np.asarray(box_xyxy, np.float32)
-  if np.any(box < 0):
+  if np.all(box == -1):
     return np.full(4, -1.0, np.float32)
   s0 = float(min(width, height))
   off = np.array([(width - s0) / 2, (height - s0) / 2] * 2, np.float32)

@@ -19,7 +19,7 @@ import os
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 ATTRIBUTES = ("colour", "length", "pattern", "neckline", "button")
 VALUE_NAMES = (
@@ -179,18 +179,28 @@ def render_garment(seed, split, index, labels):
   img = Image.fromarray(arr)
   draw = ImageDraw.Draw(img)
 
-  # Neckline: a dark cut-out at the top centre.
-  nw, nd = 0.16 * s, 0.1 * s
+  # Neckline: a dark cut-out at the top centre with a thin light trim (the trim, ~1 px at
+  # 256 px, shows the shape against any background in a zoomed view).
+  nw, nd = 0.15 * s, 0.09 * s
   inner = tuple(int(c) for c in rng.integers(30, 70, size=3))
-  shapes = _neckline_polygon_or_shapes(neckline, cx * _SS, ty * _SS, nw * _SS, nd * _SS)
-  _draw_shapes(draw, shapes, inner)
+  trim = tuple(int(min(255, c * 1.15 + 20)) for c in base)
+  x0, y0 = int((cx - 0.2 * s) * _SS), int((ty - 0.1 * s) * _SS)
+  x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((ty + 0.25 * s) * _SS) + 1
+  cut = Image.new("L", (x1 - x0, y1 - y0), 0)
+  shapes = _neckline_polygon_or_shapes(neckline, cx * _SS - x0, ty * _SS - y0, nw * _SS,
+                                       nd * _SS)
+  _draw_shapes(ImageDraw.Draw(cut), shapes, 255)
+  tw = 2 * max(1, int(round(0.012 * s * _SS))) + 1
+  ring = cut.filter(ImageFilter.MaxFilter(tw))
+  img.paste(trim, (x0, y0, x1, y1), ring)
+  img.paste(inner, (x0, y0, x1, y1), cut)
 
   # Placket with three buttons of one shape.
   pk_w = 0.16 * s
   pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
-  placket = tuple(int(min(255, c * 1.15 + 20)) for c in base)
+  placket = trim
   draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
-  r = 0.042 * s   # ~7 px wide at 256 px: a blob at a 96-128 px view, a shape at 2x
+  r = 0.032 * s   # ~5-6 px wide at 256 px: a blob at a 96 px view, a shape at 2x zoom
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
   ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
   for by in ys:
