@@ -181,3 +181,19 @@ def test_label_out_of_range_names_the_line(raw_copy):
   with pytest.raises(ValueError, match=re.escape(f"{qpath}:2: image id 99 is out of range 0..11")):
     data_lib.prepare_dataset(raw_copy)
 
+
+
+def test_public_config_without_boxes(raw_copy, tmp_path):
+  """The same files built as 'fashionai': its attribute list, no boxes, eval boxes all -1."""
+  os.rename(os.path.join(raw_copy.data.root, "Synthetic"), tmp_path / "FashionAI")
+  os.remove(tmp_path / "FashionAI" / "meta.json")
+  c = _config(tmp_path, tmp_path / "tfds_fa", name="fashionai", folder="FashionAI")
+  data_lib.prepare_dataset(c)
+  info = data_lib.dataset_info(c)
+  assert info.attributes[0] == "skirt_length" and info.num_values == (6, 9, 8, 6, 5, 5, 10, 5)
+  rec = builder.split_source(c, "train")[0]
+  assert rec["labels"].shape == (8,) and np.all(rec["labels"][5:] == -1)
+  assert np.all(rec["boxes"] == -1)
+  c.data.image_size, c.data.hires_size = 16, 32
+  batch = next(iter(data_lib.make_eval_stream(c, "test", "query", batch_size=4)))
+  assert np.all(batch["box"] == -1) and batch["mask"].all()
