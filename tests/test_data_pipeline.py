@@ -127,7 +127,8 @@ def test_triplet_rule_over_10000_triplets():
   assert _chi2(np.bincount(a, minlength=3)) < _CHI2_999[2]
   # Attribute 0: (vp, vn) uniform over the 12 ordered pairs of distinct values (official rule).
   pairs = vp[a == 0] * 4 + vn[a == 0]
-  counts = np.bincount(pairs, minlength=16)[[p * 4 + n for p in range(4) for n in range(4) if p != n]]
+  distinct = [p * 4 + n for p in range(4) for n in range(4) if p != n]
+  counts = np.bincount(pairs, minlength=16)[distinct]
   assert _chi2(counts) < _CHI2_999[11]
   # Attribute 1: positives split between its two usable values; negatives uniform over others.
   assert _chi2(np.bincount(vp[a == 1], minlength=4)[[0, 3]]) < _CHI2_999[1]
@@ -268,7 +269,8 @@ def test_eval_stream_shards_cover_all_lines(cfg):
   for t in range(steps):
     for p in range(2):
       b = parts[p][t]
-      seen += [tuple(r) for r in np.stack([b["image_id"], b["attribute"], b["value"]], 1)[b["mask"]]]
+      rows = np.stack([b["image_id"], b["attribute"], b["value"]], 1)[b["mask"]]
+      seen += [tuple(r) for r in rows]
   assert seen == [tuple(r) for r in lines.tolist()]
   with pytest.raises(ValueError, match="split in"):
     data_lib.make_eval_stream(cfg, "train", "query", batch_size=3)

@@ -1,6 +1,7 @@
 """Synthetic garments: determinism, value coverage, layout, boxes, labels that match pixels."""
 import colorsys
 import hashlib
+import io
 import json
 import os
 
@@ -104,7 +105,8 @@ def test_colour_label_matches_pixels(tiny):
     x0, y0, x1, y1 = meta["splits"]["train"]["boxes"][fid][2]
     img = np.asarray(Image.open(os.path.join(tiny, name)).convert("RGB"), np.float32) / 255
     # Left third of the body, below the neckline: cloth only.
-    patch = img[int(y0 + 0.3 * (y1 - y0)):int(y1 - 2), int(x0 + 0.12 * (x1 - x0)):int(x0 + 0.3 * (x1 - x0))]
+    bw, bh = x1 - x0, y1 - y0
+    patch = img[int(y0 + 0.3 * bh):int(y1 - 2), int(x0 + 0.12 * bw):int(x0 + 0.3 * bw)]
     mean = patch.reshape(-1, 3).mean(0)
     h = colorsys.rgb_to_hsv(*mean)[0]
     dist = np.minimum(np.abs(hues - h), 1 - np.abs(hues - h))
@@ -123,3 +125,22 @@ def test_cli_writes_layout(tmp_path):
 def test_too_small_split_is_one_clear_error(tmp_path):
   with pytest.raises(ValueError, match="at least 6 images per split"):
     synthetic.generate(str(tmp_path), num_train=4, num_valid=6, num_test=6)
+
+
+def test_detail_scale_changes_only_the_details():
+  """Same draws, smaller neckline and buttons: pixels differ only around the detail boxes."""
+  labels = [2, 1, 3, 1, 3]
+  big, size, boxes = synthetic.render_garment(9, "train", 0, labels, detail_scale=1.0)
+  small, size2, boxes2 = synthetic.render_garment(9, "train", 0, labels, detail_scale=0.6)
+  assert size == size2 and boxes == boxes2
+  a = np.asarray(Image.open(io.BytesIO(big)).convert("RGB"), np.int32)
+  b = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"), np.int32)
+  near = np.zeros(a.shape[:2], bool)
+  for x0, y0, x1, y1 in (boxes[3], boxes[4]):   # JPEG blocks reach up to 16 px further
+    near[max(0, int(y0) - 16):int(y1) + 17, max(0, int(x0) - 16):int(x1) + 17] = True
+  diff = np.abs(a - b).max(-1)
+  assert diff[~near].max() == 0
+  x0, y0, x1, y1 = (int(v) for v in boxes[4])
+  assert diff[y0:y1, x0:x1].mean() > 5
+  with pytest.raises(ValueError, match="detail_scale must be in"):
+    synthetic.generate("/nonexistent", detail_scale=3.0)

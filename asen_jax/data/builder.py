@@ -127,7 +127,8 @@ def _parse_labels(path, num_values, num_images, pairs_per_line=None):
     except ValueError:
       raise ValueError(f"{where}: expected integers 'fid attr value ...', got "
                        f"{' '.join(tokens)!r}.") from None
-    if len(ints) < 3 or len(ints) % 2 == 0 or (pairs_per_line and len(ints) != 1 + 2 * pairs_per_line):
+    wrong_count = pairs_per_line and len(ints) != 1 + 2 * pairs_per_line
+    if len(ints) < 3 or len(ints) % 2 == 0 or wrong_count:
       form = "'fid attr value'" if pairs_per_line == 1 else "'fid attr value [attr value ...]'"
       raise ValueError(f"{where}: expected {form}, got {' '.join(tokens)!r}.")
     fid = ints[0]
@@ -277,8 +278,9 @@ class AsenFashion(tfds.core.GeneratorBasedBuilder):
         "query": {s: [list(t) for t in v] for s, v in lists["query"].items()},
         "candidate": {s: [list(t) for t in v] for s, v in lists["candidate"].items()},
     })
-    return {s: self._generate_examples(folder, splits[s], None if src["boxes"] is None else src["boxes"][s],
-                                       len(src["attributes"])) for s in SPLITS}
+    boxes = src["boxes"] or {}
+    return {s: self._generate_examples(folder, splits[s], boxes.get(s), len(src["attributes"]))
+            for s in SPLITS}
 
   def _generate_examples(self, folder, split, boxes, num_attributes):
     for fid, fname in enumerate(split.filenames):

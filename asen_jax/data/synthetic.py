@@ -120,8 +120,11 @@ def _draw_button(draw, kind, cx, cy, r, fill, inner):
     draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=inner)
 
 
-def render_garment(seed, split, index, labels):
-  """Draws one image; returns (jpeg_bytes, (width, height), boxes[A][4] in pixels)."""
+def render_garment(seed, split, index, labels, detail_scale=1.0):
+  """Draws one image; returns (jpeg_bytes, (width, height), boxes[A][4] in pixels).
+
+  `detail_scale` multiplies the size of the neckline and the buttons (not their boxes).
+  """
   rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
   colour, length, pattern, neckline, button = (int(v) for v in labels)
   w, h = _CANVASES[int(rng.integers(len(_CANVASES)))]
@@ -181,7 +184,7 @@ def render_garment(seed, split, index, labels):
 
   # Neckline: a dark cut-out at the top centre with a thin light trim (the trim, ~1 px at
   # 256 px, shows the shape against any background in a zoomed view).
-  nw, nd = 0.15 * s, 0.09 * s
+  nw, nd = 0.15 * s * detail_scale, 0.09 * s * detail_scale
   inner = tuple(int(c) for c in rng.integers(30, 70, size=3))
   trim = tuple(int(min(255, c * 1.15 + 20)) for c in base)
   x0, y0 = int((cx - 0.2 * s) * _SS), int((ty - 0.1 * s) * _SS)
@@ -200,7 +203,7 @@ def render_garment(seed, split, index, labels):
   pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
   placket = trim
   draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
-  r = 0.032 * s   # ~5-6 px wide at 256 px: a blob at a 96 px view, a shape at 2x zoom
+  r = 0.032 * s * detail_scale   # ~5-6 px wide at 256 px: a blob at 96-112 px, a shape at 2x
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
   ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
   for by in ys:
@@ -255,15 +258,21 @@ def _render_job(args):
 
 
 def generate(out, *, seed=0, num_train=3000, num_valid=400, num_test=800, query_fraction=0.2,
-             folder="Synthetic", workers=0, verbose=False):
+             folder="Synthetic", detail_scale=1.0, workers=0, verbose=False):
   """Writes <out>/<folder>/ in the official layout plus meta.json; returns that path."""
+  if not 0.5 <= detail_scale <= 1.5:
+    raise ValueError(f"detail_scale must be in [0.5, 1.5] (details must fit their boxes), got "
+                     f"{detail_scale}.")
   if not 0.0 < query_fraction < 1.0:
     raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}.")
   root = os.path.join(out, folder)
   sizes = {"train": num_train, "valid": num_valid, "test": num_test}
-  meta = {"name": folder, "seed": seed, "attributes": list(ATTRIBUTES),
-          "num_values": [len(v) for v in VALUE_NAMES], "value_names": [list(v) for v in VALUE_NAMES],
-          "global_attributes": list(GLOBAL_ATTRIBUTES), "detail_attributes": list(DETAIL_ATTRIBUTES),
+  meta = {"name": folder, "seed": seed, "detail_scale": detail_scale,
+          "attributes": list(ATTRIBUTES),
+          "num_values": [len(v) for v in VALUE_NAMES],
+          "value_names": [list(v) for v in VALUE_NAMES],
+          "global_attributes": list(GLOBAL_ATTRIBUTES),
+          "detail_attributes": list(DETAIL_ATTRIBUTES),
           "box_format": "x0, y0, x1, y1 in original image pixels", "splits": {}}
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
   try:
@@ -272,7 +281,7 @@ def generate(out, *, seed=0, num_train=3000, num_valid=400, num_test=800, query_
       n = sizes[split]
       labels = _balanced_labels(np.random.default_rng([seed, _SPLIT_CODE[split], 2**31]), n)
       os.makedirs(os.path.join(root, "images", split), exist_ok=True)
-      jobs = [(seed, split, i, labels[i].tolist()) for i in range(n)]
+      jobs = [(seed, split, i, labels[i].tolist(), detail_scale) for i in range(n)]
       results = (pool.imap(_render_job, jobs, chunksize=16) if pool
                  else map(_render_job, jobs))
       names, image_sizes, boxes = [], [], []
@@ -319,12 +328,15 @@ def main(argv=None):
   parser.add_argument("--num_test", type=int, default=800)
   parser.add_argument("--query_fraction", type=float, default=0.2,
                       help="per attribute, this fraction of a valid/test split are queries")
+  parser.add_argument("--detail_scale", type=float, default=1.0,
+                      help="size of the neckline and buttons (0.5-1.5): smaller = harder at "
+                           "the global view")
   parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
   args = parser.parse_args(argv)
   t0 = time.time()
   root = generate(args.out, seed=args.seed, num_train=args.num_train, num_valid=args.num_valid,
                   num_test=args.num_test, query_fraction=args.query_fraction, folder=args.folder,
-                  workers=args.workers, verbose=True)
+                  detail_scale=args.detail_scale, workers=args.workers, verbose=True)
   print(f"Wrote {root} in {time.time() - t0:.1f}s.")
 
 
