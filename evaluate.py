@@ -31,8 +31,11 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from asen_jax import evaluation  # After distributed init.
-  results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
-                                     viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
+  try:
+    results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
+                                       viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"evaluate.py: {e}") from None
   if jax.process_index() == 0:
     print(evaluation.format_table(results))
     if _OUTPUT.value:

@@ -26,7 +26,10 @@ def main(argv):
   from asen_jax import trainer  # After distributed init.
   logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+  try:
+    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    raise SystemExit(f"train.py: {e}") from None
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ class Embedded:
 def embed_stream(config, variables, embed_fn, mesh, split, which, desc=None):
   """Runs `embed_fn` over every line of a split's query or candidate file."""
   batch_size = config.eval.batch_size
-  parallel.check_batch_size(batch_size, "eval.batch_size")
+  parallel.check_batch_size(batch_size, "eval.batch_size", mesh)
   shard_index, shard_count = jax.process_index(), jax.process_count()
   local_batch = batch_size // shard_count
   stream = data_lib.make_eval_stream(config, split, which, batch_size=local_batch,
@@ -104,7 +104,8 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
     pointing = retrieval.pointing_accuracy(
         np.concatenate([queries.attmap, cands.attmap]),
         np.concatenate([queries.gt_box, cands.gt_box]),
-        np.concatenate([queries.attribute, cands.attribute]), num_attributes)
+        np.concatenate([queries.attribute, cands.attribute]), num_attributes,
+        attribute_names=attribute_names)
     results["pointing_accuracy"] = pointing
   return results, queries, cands
 
@@ -156,7 +157,8 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
                  beta=config.eval.beta if joint else None)
   if viz_dir and jax.process_index() == 0:
     results["pictures"] = write_pictures(config, split, queries, cands, info, viz_dir,
-                                         viz_queries)
+                                         viz_queries, variables=variables, embed_fn=embed_fn,
+                                         mesh=mesh)
   return results
 
 
@@ -178,3 +180,66 @@ def format_table(results):
   lines.append(row)
   lines.append(f"{'random ranking':<24}{'':>9}{results['map_random']:>9.2f}")
   return "\n".join(lines)
+
+
+def _split_images(config, split):
+  """image_id -> (view, hires) uint8 loader for one split."""
+  from asen_jax.data import builder  # pylint: disable=g-import-not-at-top
+  source = builder.split_source(config, split)
+  index = builder.record_index(config, split)
+
+  def load(image_id):
+    record = source[int(index[int(image_id)])]
+    return data_lib.load_view(record["image"], config.data.image_size, config.data.hires_size)
+  return load
+
+
+def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3, top_k=6,
+                   variables=None, embed_fn=None, mesh=None, grid_images=4):
+  """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths."""
+  from asen_jax import viz  # pylint: disable=g-import-not-at-top
+  os.makedirs(viz_dir, exist_ok=True)
+  load = _split_images(config, split)
+  frame = float(config.data.image_size)
+  paths = []
+  for a, name in enumerate(info.attributes):
+    q_rows = np.flatnonzero(queries.attribute == a)[:per_attribute]
+    c_rows = np.flatnonzero(cands.attribute == a)
+    for q in q_rows:
+      scores = cands.emb[c_rows] @ queries.emb[q]
+      order = np.argsort(-scores, kind="stable")[:top_k]
+      top = c_rows[order]
+      value_name = info.value_names[a][queries.value[q]] if info.value_names else queries.value[q]
+      gt = queries.gt_box[q] if (queries.gt_box[q] >= 0).all() else None
+      panel = viz.retrieval_panel(
+          load(queries.image_id[q])[0], queries.attmap[q], queries.box[q] / frame,
+          [load(cands.image_id[c])[0] for c in top], list(cands.value[top] == queries.value[q]),
+          [float(s) for s in scores[order]],
+          f"{name} = {value_name}   (query {int(queries.image_id[q])}, {split})", gt_box=gt)
+      path = os.path.join(viz_dir, f"{name}_query{int(queries.image_id[q])}.png")
+      viz.save_panel(panel, path)
+      paths.append(path)
+  if embed_fn is not None and grid_images:
+    ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
+    path = os.path.join(viz_dir, "attention_grid.png")
+    viz.save_panel(attention_grid(config, variables, embed_fn, mesh, load, ids, info), path)
+    paths.append(path)
+  return paths
+
+
+def attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
+  """Where each attribute looks: images x attributes heatmaps of the global branch."""
+  from asen_jax import viz  # pylint: disable=g-import-not-at-top
+  views = [load(i) for i in image_ids]
+  n, num_attr = len(views), len(info.attributes)
+  images = np.stack([v[0] for v in views for _ in range(num_attr)])
+  hires = np.stack([v[1] for v in views for _ in range(num_attr)])
+  attrs = np.tile(np.arange(num_attr, dtype=np.int32), n)
+  pad = -len(attrs) % jax.device_count()
+  if pad:
+    images, hires, attrs = (np.concatenate([x, np.repeat(x[:1], pad, 0)])
+                            for x in (images, hires, attrs))
+  _, attmap, _ = embed_fn(variables, *parallel.shard_batch(mesh, (images, hires, attrs)))
+  attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
+  attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
+  return viz.attention_grid([v[0] for v in views], attmap, list(info.attributes))

@@ -12,10 +12,12 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 
-def make_mesh():
+def make_mesh(devices=None):
+  """A 1-D 'data' mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else devices
   # Auto axes: jit propagates the batch sharding; model code stays sharding-agnostic.
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def batch_sharding(mesh):
@@ -26,9 +28,9 @@ def replicated(mesh):
   return NamedSharding(mesh, P())
 
 
-def check_batch_size(batch_size, name="train.batch_size"):
+def check_batch_size(batch_size, name="train.batch_size", mesh=None):
   """The global batch must split evenly over devices (and so over processes)."""
-  n = jax.device_count()
+  n = mesh.size if mesh is not None else jax.device_count()
   if batch_size % n:
     raise ValueError(f"Config {name}={batch_size} is not divisible by the {n} devices; "
                      f"use a multiple of {n}, e.g. {name}={max(n, batch_size // n * n)}.")

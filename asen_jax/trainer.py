@@ -102,14 +102,15 @@ def compute_loss(params, batch_stats, batch, *, model, config, joint):
 
 
 def train_step(state, batch, *, model, tx, config, joint):
-  """One optimiser step. A non-finite loss leaves the state untouched (the host then stops)."""
+  """One optimiser step. A non-finite loss or update leaves the state untouched (the host
+  notices that the step counter did not advance, and stops)."""
   grad_fn = jax.value_and_grad(
       functools.partial(compute_loss, model=model, config=config, joint=joint), has_aux=True)
   (loss, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new = TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                    batch_stats=batch_stats, opt_state=opt_state)
-  finite = jnp.isfinite(loss)
+  finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(updates))
   new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   return new, metrics
 
@@ -232,7 +233,7 @@ def train_and_evaluate(config, workdir, init_from=None):
   os.makedirs(workdir, exist_ok=True)
   parallel.quiet_library_logs()
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.train.batch_size)
+  parallel.check_batch_size(config.train.batch_size, mesh=mesh)
   data_lib.prepare_dataset(config)
   info, model, tx, joint = build(config)
   if config.stage == "joint" and not init_from:
@@ -276,6 +277,15 @@ def train_and_evaluate(config, workdir, init_from=None):
     ckpts.save_latest(step, variables, {"step": state.step, "opt_state": state.opt_state},
                       data_iter, _meta(config, info, step, best_map=best_map))
 
+  def check_finite(step, metrics):
+    # The step counter only advances on finite steps (train_step), so one scalar tells.
+    if int(jax.device_get(state.step)) != step:
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      raise FloatingPointError(
+          f"Non-finite loss or update at step {step} or earlier ({metrics}); stopping. The last "
+          f"good checkpoint in {workdir}/checkpoints/latest is kept; lower train.lr or check "
+          "the data.")
+
   bar = tqdm(total=last, initial=step, desc=f"train {config.stage}", unit="step",
              disable=jax.process_index() != 0, dynamic_ncols=True)
   tick, tick_step = time.time(), step
@@ -285,38 +295,38 @@ def train_and_evaluate(config, workdir, init_from=None):
       arrays = parallel.shard_batch(mesh, {k: batch[k] for k in ("images", "hires", "attribute")})
       state, metrics = step_fn(state, arrays)
       step += 1
+      bar.update(1)
       epoch_end = step % per_epoch == 0
-      if step % config.train.log_every == 0 or step == last or epoch_end:
+      log_now = step % config.train.log_every == 0 or step == last or epoch_end
+      save_now = step % config.train.checkpoint_every == 0 or epoch_end or step == last
+      if not (log_now or save_now):
+        continue  # Metrics stay on the device between logging steps.
+      check_finite(step, metrics)
+      if log_now:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if int(jax.device_get(state.step)) != step:
-          raise FloatingPointError(
-              f"Non-finite loss at step {step} ({metrics}); stopping. The last good checkpoint "
-              f"in {workdir}/checkpoints/latest is kept; lower train.lr or check the data.")
         now = time.time()
         rate = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
         tick, tick_step = now, step
         writer.write(step, {**metrics, "triplets_per_s": rate, "epoch": step / per_epoch})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", trip_s=f"{rate:.1f}")
-      bar.update(1)
       if epoch_end and (step // per_epoch) % config.train.eval_every_epochs == 0:
-        results, _, _ = evaluation.evaluate_split(config, {"params": state.params,
-                                                           "batch_stats": state.batch_stats},
-                                                  embed_fn, mesh, config.eval.split,
-                                                  info.attributes)
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        results, _, _ = evaluation.evaluate_split(config, variables, embed_fn, mesh,
+                                                  config.eval.split, info.attributes)
         val_map = results["map_overall"]
         writer.write(step, {"val_map": val_map, "val_map_random": results["map_random"]})
         logging.info("step %d epoch %d: validation MAP %.2f (random ranking %.2f)", step,
                      step // per_epoch, val_map, results["map_random"])
         if val_map > best_map:
           best_map = val_map
-          ckpts.save_best(step, {"params": state.params, "batch_stats": state.batch_stats},
-                          _meta(config, info, step, map=val_map))
+          ckpts.save_best(step, variables, _meta(config, info, step, map=val_map))
         tick = time.time()
-      if step % config.train.checkpoint_every == 0 or epoch_end or step == last:
+      if save_now:
         save_latest(step)
   except KeyboardInterrupt:
-    logging.warning("Interrupted at step %d; saving the latest checkpoint before exiting.", step)
-    save_latest(step)
+    if int(jax.device_get(state.step)) == step:
+      logging.warning("Interrupted at step %d; saving the latest checkpoint before exiting.", step)
+      save_latest(step)
     raise
   finally:
     bar.close()

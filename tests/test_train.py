@@ -1,0 +1,155 @@
+"""Training: device-count invariance, exact resume across processes, stage-2 init, failure modes."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from asen_jax import checkpoint as ckpt_lib
+from asen_jax import data as data_lib
+from asen_jax import parallel
+from asen_jax import trainer
+from asen_jax.data import synthetic
+from configs import synthetic as synthetic_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny model and data set: every number below is checked, not the speed of learning.
+TINY = ("data.image_size=32,data.hires_size=64,model.local_size=32,model.width=0.0625,"
+        "model.attr_dim=16,model.global_common_dim=16,model.local_common_dim=8,"
+        "model.embed_dim=32,train.batch_size=8,train.triplets_per_epoch=8000,eval.batch_size=8")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  synthetic.generate(str(root), seed=3, num_train=40, num_valid=20, num_test=20)
+  return root
+
+
+def tiny_config(data_root, stage, extra=""):
+  arg = f"{stage},{TINY},data.root='{data_root}',data.tfds_dir='{data_root}/tfds'"
+  config = synthetic_config.get_config(arg + ("," + extra if extra else ""))
+  data_lib.prepare_dataset(config)
+  return config
+
+
+def _first_batch(config):
+  batch = next(iter(data_lib.make_train_loader(config, seed=config.seed)))
+  return {k: batch[k] for k in ("images", "hires", "attribute")}
+
+
+def _max_rel_diff(a, b):
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))
+                                          / (np.max(np.abs(np.asarray(y))) + 1e-12)), a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+@pytest.mark.parametrize("stage", ["global", "joint"])
+def test_one_step_same_on_1_and_8_devices(data_root, stage):
+  config = tiny_config(data_root, stage)
+  info, model, tx, joint = trainer.build(config)
+  # Host copies: the jitted step donates (deletes) its input state.
+  host_state = jax.device_get(trainer.init_state(config, model, tx, joint, info=info))
+  batch = _first_batch(config)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = parallel.make_mesh(devices)
+    step = trainer.make_train_step(config, model, tx, joint, mesh)
+    state, metrics = step(parallel.replicate(mesh, host_state), parallel.shard_batch(mesh, batch))
+    results.append((jax.device_get(state), jax.device_get(metrics)))
+  (s1, m1), (s8, m8) = results
+  assert int(s1.step) == int(s8.step) == 1
+  np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
+  assert _max_rel_diff(s8.params, s1.params) <= 1e-5
+  assert _max_rel_diff(s8.batch_stats, s1.batch_stats) <= 1e-5
+  # The step really moved the parameters (else the comparison above proves nothing).
+  assert _max_rel_diff(s1.params, host_state.params) > 1e-4
+
+
+def _train_cli(data_root, workdir, max_steps, extra=""):
+  arg = (f"global,{TINY},data.root='{data_root}',data.tfds_dir='{data_root}/tfds',"
+         f"train.max_steps={max_steps},train.log_every=1,train.checkpoint_every=100{extra}")
+  cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+         f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}:{arg}", f"--workdir={workdir}"]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_resume_in_a_new_process_is_exact(data_root, tmp_path):
+  straight, split = tmp_path / "straight", tmp_path / "split"
+  for workdir, steps in ((straight, 6), (split, 3), (split, 6)):
+    run = _train_cli(data_root, workdir, steps)
+    assert run.returncode == 0, run.stderr[-3000:]
+  assert [s for s, _ in _losses(split)] == list(range(1, 7))
+  np.testing.assert_allclose([l for _, l in _losses(split)], [l for _, l in _losses(straight)],
+                             rtol=1e-6)
+  a, meta_a, step_a = ckpt_lib.load_model_variables(str(straight), prefer="latest")
+  b, _, step_b = ckpt_lib.load_model_variables(str(split), prefer="latest")
+  assert step_a == step_b == 6 and meta_a["stage"] == "global"
+  assert _max_rel_diff(b, a) <= 1e-6
+
+
+def test_stage2_starts_from_stage1_and_uses_two_learning_rates(data_root, tmp_path):
+  stage1 = tiny_config(data_root, "global")
+  info, model1, tx1, _ = trainer.build(stage1)
+  s1 = trainer.init_state(stage1, model1, tx1, False, info=info)
+  ckpt_lib.save_model_variables(str(tmp_path / "s1"), {"params": s1.params,
+                                                       "batch_stats": s1.batch_stats},
+                                {"attributes": list(info.attributes), "stage": "global"})
+  config = tiny_config(data_root, "joint", "train.lr=1e-3,train.lr_global=1e-5")
+  _, model, tx, joint = trainer.build(config)
+  state = jax.device_get(
+      trainer.init_state(config, model, tx, joint, init_from=str(tmp_path / "s1"), info=info))
+  for key in ("attr_embedding", "global"):
+    assert _max_rel_diff(state.params[key], s1.params[key]) == 0.0
+  assert _max_rel_diff(state.batch_stats["global"], s1.batch_stats["global"]) == 0.0
+  mesh = parallel.make_mesh()
+  step = trainer.make_train_step(config, model, tx, joint, mesh)
+  new, _ = step(parallel.replicate(mesh, state), parallel.shard_batch(mesh, _first_batch(config)))
+  new = jax.device_get(new)
+  # Adam's first step moves every parameter with a gradient by exactly lr * sign(grad).
+  for key, lr in (("global", 1e-5), ("attr_embedding", 1e-5), ("local", 1e-3)):
+    deltas = np.concatenate([np.abs(np.asarray(x) - np.asarray(y)).ravel() for x, y in zip(
+        jax.tree.leaves(new.params[key]), jax.tree.leaves(state.params[key]))])
+    moved = deltas[deltas > 0]
+    assert moved.size > 0.5 * deltas.size if key != "attr_embedding" else moved.size > 0
+    # float32 rounding of p + lr * sign(g) for |p| ~ 1 is up to ~0.6% of lr = 1e-5.
+    np.testing.assert_allclose(np.max(moved), lr, rtol=1e-2)
+    np.testing.assert_allclose(np.median(moved), lr, rtol=1e-2)
+
+
+def test_init_from_other_attributes_is_one_sentence(data_root, tmp_path):
+  config = tiny_config(data_root, "joint")
+  info, model, tx, joint = trainer.build(config)
+  ckpt_lib.save_model_variables(str(tmp_path / "other"), {"params": {}, "batch_stats": {}},
+                                {"attributes": ["a", "b"], "stage": "global"})
+  with pytest.raises(ValueError, match=r"was trained on attributes \['a', 'b'\], but the config "
+                     r"has \['colour'"):
+    trainer.init_state(config, model, tx, joint, init_from=str(tmp_path / "other"), info=info)
+
+
+def test_batch_size_not_divisible_by_devices(data_root, tmp_path):
+  config = tiny_config(data_root, "global", "train.batch_size=12")
+  with pytest.raises(ValueError, match=r"train.batch_size=12 is not divisible by the 8 devices"):
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
+  workdir = str(tmp_path / "w")
+  good = tiny_config(data_root, "global", "train.max_steps=2,train.log_every=1")
+  trainer.train_and_evaluate(good, workdir)
+  bad = tiny_config(data_root, "global", "train.max_steps=4,train.log_every=1,train.lr=1e999")
+  with pytest.raises(FloatingPointError, match="Non-finite loss or update at step 3 or earlier"):
+    trainer.train_and_evaluate(bad, workdir)
+  variables, _, step = ckpt_lib.load_model_variables(workdir, prefer="latest")
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
