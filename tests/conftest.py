@@ -1,11 +1,16 @@
-"""Test setup: 8 fake CPU devices, parsed absl flags, float32 matmuls."""
+"""Test setup: 8 fake CPU devices, a persistent compile cache, parsed absl flags."""
 import os
+import tempfile
 
-# Must happen before jax is imported anywhere.
+# Must happen before jax is imported anywhere; subprocesses (train.py runs) inherit these.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Identical computations (the same tiny model in several tests and processes) compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "asen_jax_test_jit_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402

@@ -18,7 +18,7 @@ from configs import synthetic as synthetic_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny model and data set: every number below is checked, not the speed of learning.
-TINY = ("data.image_size=32,data.hires_size=64,model.local_size=32,model.width=0.0625,"
+TINY = ("model.global_backbone='resnet18',model.local_backbone='resnet18',data.image_size=32,data.hires_size=64,model.local_size=32,model.width=0.0625,"
         "model.attr_dim=16,model.global_common_dim=16,model.local_common_dim=8,"
         "model.embed_dim=32,train.batch_size=8,train.triplets_per_epoch=8000,eval.batch_size=8")
 
