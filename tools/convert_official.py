@@ -26,7 +26,11 @@ def convert_checkpoint(checkpoint_path, config, output_dir):
   from asen_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   state_dict = convert.read_weight_file(checkpoint_path)
   variables, info = convert.official_to_variables(state_dict, source=checkpoint_path)
-  attributes = list(config.data.attributes)
+  attributes, num_values = list(config.data.attributes), list(config.data.num_values)
+  if not attributes:  # e.g. the synthetic config reads them from the dataset
+    from asen_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    dataset = data_lib.dataset_info(config)
+    attributes, num_values = list(dataset.attributes), list(dataset.num_values)
   if info["num_attributes"] != len(attributes):
     raise ValueError(f"{checkpoint_path} has {info['num_attributes']} attributes but the config "
                      f"has {len(attributes)}; use the config of the dataset it was trained on.")
@@ -39,7 +43,7 @@ def convert_checkpoint(checkpoint_path, config, output_dir):
   if differ:
     raise ValueError(f"{checkpoint_path} does not match config.model: " + "; ".join(differ)
                      + "; override those config fields.")
-  meta = {"attributes": attributes, "num_values": list(config.data.num_values),
+  meta = {"attributes": attributes, "num_values": num_values,
           "stage": "joint" if info["stage"] == 2 else "global",
           "model": config.model.to_dict(), "source": os.path.abspath(checkpoint_path)}
   ckpt_lib.save_model_variables(os.path.abspath(output_dir), variables, meta)
