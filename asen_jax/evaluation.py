@@ -145,7 +145,7 @@ def load_for_eval(config, path, attributes):
 
 def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   """Embeds a split with a checkpoint, returns the results dict (MAP in %)."""
-  data_lib.prepare_dataset(config)
+  parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
   info = data_lib.dataset_info(config)
   model, variables, joint, meta = load_for_eval(config, checkpoint_path, info.attributes)
   mesh = parallel.make_mesh()

@@ -60,3 +60,14 @@ def quiet_library_logs():
   for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
     handler.addFilter(_DropLibraryInfo())
   logging.getLogger("absl").addFilter(_DropLibraryInfo())
+
+
+def process0_first(fn, name):
+  """Runs fn on process 0, then (after a barrier) on the others: e.g. building a dataset on a
+  shared filesystem once instead of racing."""
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices(name)
+  return out if jax.process_index() == 0 else fn()

@@ -234,7 +234,7 @@ def train_and_evaluate(config, workdir, init_from=None):
   parallel.quiet_library_logs()
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh=mesh)
-  data_lib.prepare_dataset(config)
+  parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
   info, model, tx, joint = build(config)
   if config.stage == "joint" and not init_from:
     logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
