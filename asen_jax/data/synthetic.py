@@ -2,14 +2,17 @@
 
     python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
 
-Each image shows one garment (body, sleeves, neckline, a button placket) on a cluttered,
-noisy background, JPEG-encoded. Five attributes, every image carries all of them:
+Each image shows one garment (body, sleeves, neckline, a button placket) on a light, nearly
+grey, noisy background, JPEG-encoded. Five attributes, every image carries all of them:
   colour, length, pattern   large, visible at any resolution (box: the garment / its body);
-  neckline, button          small details (a few % of the image width) that blur together at a
-                            ~96-128 px global view but are clear in a 2x zoomed crop (box: the
-                            neckline region / the button column).
-Detail shapes of one attribute have about the same ink area, so only their shape tells them
-apart. Everything is a pure function of (seed, split, index): same seed, same bytes.
+  neckline, button          small details (box: the neckline region / the button column), each
+                            with a coarse cue that a ~96 px global view sees (scoop vs crew
+                            depth, large vs small buttons) and a fine cue that needs a ~2x zoomed
+                            crop (a ~1 px piping around the neckline; a ring's hole, with the
+                            same ink area as the disc of its size).
+The nuisance variation (background, scale) is kept small: from scratch, with a few hundred
+steps, it is what slows learning most. Everything is a pure function of (seed, split, index):
+same seed, same bytes.
 """
 import argparse
 import io
@@ -26,8 +29,8 @@ VALUE_NAMES = (
     ("red", "orange", "yellow", "green", "blue", "purple"),
     ("cropped", "hip", "knee", "ankle"),
     ("plain", "h_stripes", "v_stripes", "checks"),
-    ("round", "v_neck", "square", "keyhole"),
-    ("round", "square", "diamond", "ring"),
+    ("crew", "crew_piped", "scoop", "scoop_piped"),
+    ("small", "small_ring", "large", "large_ring"),
 )
 GLOBAL_ATTRIBUTES = ("colour", "length", "pattern")
 DETAIL_ATTRIBUTES = ("neckline", "button")
@@ -35,7 +38,18 @@ SPLITS = ("train", "valid", "test")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 _HUES = (0.0, 0.08, 0.155, 0.33, 0.61, 0.78)   # HSV hue of each colour value
-_LENGTHS = (0.9, 1.2, 1.5, 1.8)                # body height / shoulder width
+_LENGTHS = (0.8, 1.15, 1.5, 1.85)              # body height / shoulder width
+_SHOULDER = (0.40, 0.44)     # shoulder width / image side: little scale change, so the garment's
+                             # area tells its length
+_STRIPE_PERIOD, _STRIPE_DUTY, _STRIPE_DARKEN = 0.3, 0.35, 0.8  # bold dark stripes: period /
+                                                              # shoulder, dark share, darkening
+_CLUTTER, _CLUTTER_CONTRAST = (0, 3), 0.06     # faint background shapes: count range, +-contrast
+_BG_SATURATION, _BG_VALUE = (0.0, 0.12), (0.75, 0.9)
+# Details: one coarse cue (size) that the global view sees, one fine cue (piping, ring hole)
+# that needs the zoomed crop.
+_NECK_SIZES = ((0.2, 0.07), (0.3, 0.22))       # (width, depth) / shoulder: crew, scoop
+_PIPING = 0.006                                # piping half-width / shoulder (~1 px at 256 px)
+_BUTTON_R, _BUTTON_LARGE, _RING_HOLE = 0.03, 2.0, 0.5   # disc radius / shoulder, large x, hole
 # (width, height): long side 256, varied aspect ratios so resize + centre crop matter.
 _CANVASES = ((256, 256), (256, 192), (192, 256), (256, 224), (224, 256), (256, 176), (176, 256))
 _SS = 2  # supersampling factor: draw at 2x, box-filter down (anti-aliased small shapes)
@@ -50,74 +64,39 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _clutter_colour(rng):
-  # Low saturation so that the garment's colour is the only strongly coloured object.
-  return _hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.25, 0.95))
+  # Light and nearly grey: the garment's colour is the only strongly coloured object, and the
+  # background varies little (from scratch, nuisance variation is what slows learning most).
+  return _hsv_to_rgb(rng.uniform(), rng.uniform(*_BG_SATURATION), rng.uniform(*_BG_VALUE))
 
 
-def _draw_background(draw, rng, w, h):
-  for _ in range(int(rng.integers(10, 22))):
-    kind = rng.integers(4)
+def _draw_background(draw, rng, w, h, base):
+  """A few large, faint shapes near the background colour (edges, but no strong objects)."""
+  for _ in range(int(rng.integers(_CLUTTER[0], _CLUTTER[1] + 1))):
+    kind = rng.integers(3)
     x0, y0 = rng.uniform(-0.2 * w, w), rng.uniform(-0.2 * h, h)
-    bw, bh = rng.uniform(0.05, 0.45) * w, rng.uniform(0.05, 0.45) * h
+    bw, bh = rng.uniform(0.1, 0.5) * w, rng.uniform(0.1, 0.5) * h
     box = [x0, y0, x0 + bw, y0 + bh]
-    colour = _clutter_colour(rng)
+    colour = tuple(int(np.clip(c + rng.uniform(-_CLUTTER_CONTRAST, _CLUTTER_CONTRAST) * 255, 0,
+                               255)) for c in base)
     if kind == 0:
       draw.rectangle(box, fill=colour)
     elif kind == 1:
       draw.ellipse(box, fill=colour)
-    elif kind == 2:
-      draw.line(box, fill=colour, width=int(rng.integers(2, 12)))
-    else:  # Small dark blobs that look a bit like buttons at low resolution.
-      for _ in range(int(rng.integers(2, 6))):
-        cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.008, 0.02) * w
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=_clutter_colour(rng))
-
-
-def _neckline_polygon_or_shapes(kind, cx, ty, nw, nd):
-  """Returns [(shape, coords)] for one neckline value; all have ~equal area."""
-  if kind == 0:  # round: lower half-ellipse, area pi/4 * nw * nd
-    return [("pieslice", [cx - nw / 2, ty - nd, cx + nw / 2, ty + nd])]
-  if kind == 1:  # v_neck: triangle scaled to the same area
-    k = np.sqrt(np.pi / 2)
-    return [("polygon", [(cx - k * nw / 2, ty), (cx + k * nw / 2, ty), (cx, ty + k * nd)])]
-  if kind == 2:  # square
-    k = np.sqrt(np.pi / 4)
-    return [("rectangle", [cx - k * nw / 2, ty, cx + k * nw / 2, ty + k * nd])]
-  # keyhole: smaller round neck plus a slit with a round end
-  k = 0.7
-  slit_w, slit_d = 0.22 * nw, 1.0 * nd
-  r = 0.2 * nw
-  return [("pieslice", [cx - k * nw / 2, ty - k * nd, cx + k * nw / 2, ty + k * nd]),
-          ("rectangle", [cx - slit_w / 2, ty, cx + slit_w / 2, ty + slit_d]),
-          ("ellipse", [cx - r, ty + slit_d - r, cx + r, ty + slit_d + r])]
-
-
-def _draw_shapes(draw, shapes, fill):
-  for shape, coords in shapes:
-    if shape == "pieslice":
-      draw.pieslice(coords, 0, 180, fill=fill)
-    elif shape == "polygon":
-      draw.polygon(coords, fill=fill)
-    elif shape == "rectangle":
-      draw.rectangle(coords, fill=fill)
     else:
-      draw.ellipse(coords, fill=fill)
+      draw.line(box, fill=colour, width=int(rng.integers(2, 8)))
 
 
-def _draw_button(draw, kind, cx, cy, r, fill, inner):
-  """One button of 'radius' r; the four shapes have ~equal ink area (pi r^2)."""
-  if kind == 0:
+def _draw_button(draw, kind, cx, cy, r, fill, hole):
+  """One button: kind = 2 * size + ring. A ring has the same ink area as the disc of its size,
+  so only its hole (visible when zoomed in) tells them apart."""
+  r = r * (_BUTTON_LARGE if kind >= 2 else 1.0)
+  if kind % 2 == 0:
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-  elif kind == 1:
-    a = np.sqrt(np.pi) * r / 2
-    draw.rectangle([cx - a, cy - a, cx + a, cy + a], fill=fill)
-  elif kind == 2:
-    a = np.sqrt(np.pi / 2) * r
-    draw.polygon([(cx, cy - a), (cx + a, cy), (cx, cy + a), (cx - a, cy)], fill=fill)
-  else:  # ring: outer 1.3 r, hole 0.8 r -> ink area 1.05 pi r^2
-    ro, ri = 1.3 * r, 0.8 * r
+  else:  # outer ro, hole ri = _RING_HOLE ro: ink area pi (ro^2 - ri^2) = pi r^2
+    ro = r / np.sqrt(1.0 - _RING_HOLE ** 2)
+    ri = _RING_HOLE * ro
     draw.ellipse([cx - ro, cy - ro, cx + ro, cy + ro], fill=fill)
-    draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=inner)
+    draw.ellipse([cx - ri, cy - ri, cx + ri, cy + ri], fill=hole)
 
 
 def render_garment(seed, split, index, labels, detail_scale=1.0):
@@ -132,7 +111,7 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   # The garment stays inside the central square that the shorter-side crop keeps.
   off_x, off_y = (w - m) / 2, (h - m) / 2
 
-  s = rng.uniform(0.33, 0.42) * m                                     # shoulder width
+  s = rng.uniform(*_SHOULDER) * m                                         # shoulder width
   body_h = s * _LENGTHS[length] * rng.uniform(0.97, 1.03)
   hem_half = s / 2 * rng.uniform(1.0, 1.15)
   sleeve_out, sleeve_drop, sleeve_w = 0.42 * s, 0.5 * s, 0.2 * s
@@ -142,9 +121,10 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   cx = off_x + rng.uniform(margin + half_w, m - margin - half_w)
   ty = off_y + rng.uniform(margin + neck_up, m - margin - body_h)
 
-  img = Image.new("RGB", (w * _SS, h * _SS), _clutter_colour(rng))
+  background = _clutter_colour(rng)
+  img = Image.new("RGB", (w * _SS, h * _SS), background)
   draw = ImageDraw.Draw(img)
-  _draw_background(draw, rng, w * _SS, h * _SS)
+  _draw_background(draw, rng, w * _SS, h * _SS, background)
 
   # Garment silhouette as a mask; pattern and shading are applied in numpy.
   def p(x, y):
@@ -167,12 +147,12 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   gx1, gy1 = int(np.ceil((cx + half_w) * _SS)) + 2, int(np.ceil((ty + body_h) * _SS)) + 2
   yy = (np.arange(gy0, gy1, dtype=np.float32) / _SS)[:, None]
   xx = (np.arange(gx0, gx1, dtype=np.float32) / _SS)[None, :]
-  period = 0.2 * s
+  period = _STRIPE_PERIOD * s
   phase_x, phase_y = rng.uniform(0, period, size=2)
-  hs = ((yy - ty + phase_y) % period) < period / 2
-  vs = ((xx - cx + phase_x) % period) < period / 2
-  stripes = [np.zeros((1, 1), bool), hs, vs, hs ^ vs][pattern]
-  shade = 1.0 - 0.45 * stripes.astype(np.float32)
+  hs = ((yy - ty + phase_y) % period) < _STRIPE_DUTY * period
+  vs = ((xx - cx + phase_x) % period) < _STRIPE_DUTY * period
+  stripes = [np.zeros((1, 1), bool), hs, vs, hs | vs][pattern]
+  shade = 1.0 - _STRIPE_DARKEN * stripes.astype(np.float32)
   shade = shade * (1.0 - 0.15 * (yy - ty) / (body_h + 1.0))   # soft vertical lighting gradient
   cloth = base * shade[..., None]
   alpha = np.asarray(mask, np.float32)[gy0:gy1, gx0:gx1, None] / 255.0
@@ -182,28 +162,32 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   img = Image.fromarray(arr)
   draw = ImageDraw.Draw(img)
 
-  # Neckline: a dark cut-out at the top centre with a thin light trim (the trim, ~1 px at
-  # 256 px, shows the shape against any background in a zoomed view).
-  nw, nd = 0.15 * s * detail_scale, 0.09 * s * detail_scale
+  # Neckline: a dark cut-out at the top centre, shallow (crew) or deep (scoop), with or without
+  # a thin near-white piping (~1 px at 256 px: a faint tint at the global view, a clear line
+  # in a 2x zoomed crop).
+  deep, piped = divmod(neckline, 2)
+  nw, nd = _NECK_SIZES[deep]
+  nw, nd = nw * s * detail_scale, nd * s * detail_scale
   inner = tuple(int(c) for c in rng.integers(30, 70, size=3))
+  piping = tuple(int(c) for c in rng.integers(225, 255, size=3))
   trim = tuple(int(min(255, c * 1.15 + 20)) for c in base)
   x0, y0 = int((cx - 0.2 * s) * _SS), int((ty - 0.1 * s) * _SS)
-  x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((ty + 0.25 * s) * _SS) + 1
+  x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((ty + 0.3 * s) * _SS) + 1
   cut = Image.new("L", (x1 - x0, y1 - y0), 0)
-  shapes = _neckline_polygon_or_shapes(neckline, cx * _SS - x0, ty * _SS - y0, nw * _SS,
-                                       nd * _SS)
-  _draw_shapes(ImageDraw.Draw(cut), shapes, 255)
-  tw = 2 * max(1, int(round(0.012 * s * _SS))) + 1
-  ring = cut.filter(ImageFilter.MaxFilter(tw))
-  img.paste(trim, (x0, y0, x1, y1), ring)
+  ImageDraw.Draw(cut).pieslice([cx * _SS - x0 - nw * _SS / 2, ty * _SS - y0 - nd * _SS,
+                                cx * _SS - x0 + nw * _SS / 2, ty * _SS - y0 + nd * _SS],
+                               0, 180, fill=255)
+  if piped:
+    tw = 2 * max(1, int(round(_PIPING * s * _SS))) + 1
+    img.paste(piping, (x0, y0, x1, y1), cut.filter(ImageFilter.MaxFilter(tw)))
   img.paste(inner, (x0, y0, x1, y1), cut)
 
-  # Placket with three buttons of one shape.
-  pk_w = 0.16 * s
+  # Placket with three buttons of one kind.
+  pk_w = 0.18 * s
   pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
   placket = trim
   draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
-  r = 0.032 * s * detail_scale   # ~5-6 px wide at 256 px: a blob at 96-112 px, a shape at 2x
+  r = _BUTTON_R * s * detail_scale   # small disc ~5-6 px wide at 256 px: a blob at ~96 px
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
   ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
   for by in ys:
@@ -218,7 +202,7 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
 
   garment = [cx - half_w, ty - neck_up, cx + half_w, ty + body_h]
   body_box = [cx - hem_half, ty, cx + hem_half, ty + body_h]
-  neck_box = [cx - 0.17 * s, ty - 0.04 * s, cx + 0.17 * s, ty + 0.2 * s]
+  neck_box = [cx - 0.19 * s, ty - 0.04 * s, cx + 0.19 * s, ty + 0.28 * s]
   button_box = [cx - 0.11 * s, ys[0] - 0.1 * s, cx + 0.11 * s, ys[-1] + 0.1 * s]
   boxes = [garment, garment, body_box, neck_box, button_box]
   boxes = [[round(float(v), 2) for v in b] for b in boxes]
@@ -260,8 +244,8 @@ def _render_job(args):
 def generate(out, *, seed=0, num_train=3000, num_valid=400, num_test=800, query_fraction=0.2,
              folder="Synthetic", detail_scale=1.0, workers=0, verbose=False):
   """Writes <out>/<folder>/ in the official layout plus meta.json; returns that path."""
-  if not 0.5 <= detail_scale <= 1.5:
-    raise ValueError(f"detail_scale must be in [0.5, 1.5] (details must fit their boxes), got "
+  if not 0.5 <= detail_scale <= 1.25:
+    raise ValueError(f"detail_scale must be in [0.5, 1.25] (details must fit their boxes), got "
                      f"{detail_scale}.")
   if not 0.0 < query_fraction < 1.0:
     raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}.")
@@ -329,7 +313,7 @@ def main(argv=None):
   parser.add_argument("--query_fraction", type=float, default=0.2,
                       help="per attribute, this fraction of a valid/test split are queries")
   parser.add_argument("--detail_scale", type=float, default=1.0,
-                      help="size of the neckline and buttons (0.5-1.5): smaller = harder at "
+                      help="size of the neckline and buttons (0.5-1.25): smaller = harder at "
                            "the global view")
   parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
   args = parser.parse_args(argv)
