@@ -1,0 +1,114 @@
+"""The end-to-end demo on the built-in synthetic garments (used by the repo-root demo.py).
+
+generate data -> build the tfds dataset -> train stage 1 (global) -> train stage 2 (joint,
+initialised from stage 1) -> evaluate both on test -> pictures -> one results table.
+Every step reuses what a previous run left: existing data, a built dataset, finished stages.
+"""
+import json
+import os
+import time
+
+import numpy as np
+
+from asen_jax import data as data_lib
+from asen_jax import evaluation
+from asen_jax import retrieval
+from asen_jax import trainer
+from asen_jax.data import builder
+from asen_jax.data import synthetic
+from configs import synthetic as synthetic_config
+
+
+def demo_configs(data_root, overrides=""):
+  """(global, joint) synthetic configs reading <data_root>/Synthetic, tfds under <data_root>/tfds."""
+  paths = f"data.root='{data_root}',data.tfds_dir='{os.path.join(data_root, 'tfds')}'"
+  extra = f",{overrides}" if overrides else ""
+  return tuple(synthetic_config.get_config(f"{stage},{paths}{extra}")
+               for stage in ("global", "joint"))
+
+
+def ensure_data(data_root, workers=2):
+  """Generates <data_root>/Synthetic with the generator's defaults unless it is already there."""
+  folder = os.path.join(data_root, "Synthetic")
+  if os.path.isfile(os.path.join(folder, "meta.json")):
+    print(f"Using the synthetic data in {folder}.")
+    return folder
+  if os.path.exists(folder) and os.listdir(folder):
+    raise FileExistsError(f"{folder} exists but holds no meta.json (an interrupted generation?); "
+                          "delete it and run the demo again.")
+  print(f"Generating the synthetic garments into {folder} ...", flush=True)
+  return synthetic.generate(data_root, workers=workers, verbose=True)
+
+
+def random_map_per_attribute(config, split):
+  """{attribute: MAP %} of a random ranking (exact expectation) on a split."""
+  info = data_lib.dataset_info(config)
+  q = builder.eval_lines(config, split, "query")
+  c = builder.eval_lines(config, split, "candidate")
+  res = retrieval.random_ranking_map(q[:, 1], q[:, 2], c[:, 1], c[:, 2], len(info.attributes),
+                                     attribute_names=info.attributes, per_attribute=True)
+  return res
+
+
+def format_demo_table(results):
+  """One plain-text table: random / global-only / ASEN++ MAP and pointing accuracy."""
+  rnd, g, j = results["random"], results["global"], results["joint"]
+  pointing = j.get("pointing_accuracy") or {}
+  per_pa = pointing.get("pointing_per_attribute", {})
+  head = (f"{'attribute':<12}{'random MAP':>12}{'global MAP':>12}{'ASEN++ MAP':>12}"
+          f"{'gain':>8}{'pointing %':>12}")
+  lines = [head, "-" * len(head)]
+  for name in j["map_per_attribute"]:
+    gm, jm = g["map_per_attribute"][name], j["map_per_attribute"][name]
+    lines.append(f"{name:<12}{rnd['map_per_attribute'][name]:>12.2f}{gm:>12.2f}{jm:>12.2f}"
+                 f"{jm - gm:>+8.2f}{per_pa.get(name, float('nan')):>12.1f}")
+  lines.append("-" * len(head))
+  lines.append(f"{'overall':<12}{rnd['map_overall']:>12.2f}{g['map_overall']:>12.2f}"
+               f"{j['map_overall']:>12.2f}{j['map_overall'] - g['map_overall']:>+8.2f}"
+               f"{pointing.get('pointing_overall', float('nan')):>12.1f}")
+  return "\n".join(lines)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {k: _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.floating, np.integer)):
+    return x.item()
+  return x
+
+
+def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2):
+  """Runs every step of the demo; returns the results dict (also written to results.json)."""
+  t_start = time.time()
+  ensure_data(data_root)
+  config_g, config_j = demo_configs(data_root, overrides)
+  print("Building the tfds dataset (once) ...", flush=True)
+  data_lib.prepare_dataset(config_g)
+  timings = {}
+  global_dir, joint_dir = os.path.join(workdir, "global"), os.path.join(workdir, "joint")
+  pictures = os.path.join(workdir, "pictures")
+
+  t0 = time.time()
+  print(f"Stage 1 (global branch) -> {global_dir}", flush=True)
+  trainer.train_and_evaluate(config_g, global_dir)
+  timings["train_global_s"] = time.time() - t0
+  t0 = time.time()
+  print(f"Stage 2 (joint, initialised from stage 1) -> {joint_dir}", flush=True)
+  trainer.train_and_evaluate(config_j, joint_dir, init_from=global_dir)
+  timings["train_joint_s"] = time.time() - t0
+
+  t0 = time.time()
+  print(f"Evaluating both stages on {split} ...", flush=True)
+  res_g = evaluation.run_evaluation(config_g, global_dir, split)
+  res_j = evaluation.run_evaluation(config_j, joint_dir, split, viz_dir=pictures,
+                                    viz_queries=viz_queries)
+  timings["evaluate_s"] = time.time() - t0
+  timings["total_s"] = time.time() - t_start
+  results = {"split": split, "random": random_map_per_attribute(config_g, split),
+             "global": res_g, "joint": res_j, "timings": timings}
+  results = _jsonable(results)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results
