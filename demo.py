@@ -22,15 +22,18 @@ _OVERRIDES = flags.DEFINE_string("overrides", "", "Extra config overrides for bo
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # The tqdm bars show progress; keep the log short.
+  # The tqdm bars show progress; orbax's per-checkpoint warnings and the 'no ImageNet weights'
+  # note (the demo trains from scratch on purpose) would only bury them.
+  logging.set_verbosity(logging.ERROR)
   from asen_jax import demo  # pylint: disable=g-import-not-at-top
   try:
     results = demo.run_demo(_WORKDIR.value, _DATA_ROOT.value, overrides=_OVERRIDES.value)
   except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     raise SystemExit(f"demo.py: {e}") from None
   print()
-  print(f"Test-split MAP (%) on the synthetic garments; pointing = share of attention maxima "
-        f"inside the attribute's box (ASEN++ model).")
+  print("Test-split MAP (%) on the synthetic garments. global: the stage-1 model; ASEN++: the "
+        "joint model (beta-fused global + local);\nASEN++ global branch: the joint model without "
+        "its local branch; pointing: share of attention maxima inside the attribute's box.")
   print(demo.format_demo_table(results))
   pictures = os.path.join(_WORKDIR.value, "pictures")
   print(f"\nPictures: {pictures}/attention_grid.png and one retrieval panel per query in "
