@@ -23,7 +23,7 @@ from configs import synthetic as synthetic_config
 
 
 def demo_configs(data_root, overrides=""):
-  """(global, joint) synthetic configs reading <data_root>/Synthetic, tfds under <data_root>/tfds."""
+  """(global, joint) synthetic configs: data in <data_root>/Synthetic, tfds in <data_root>/tfds."""
   paths = f"data.root='{data_root}',data.tfds_dir='{os.path.join(data_root, 'tfds')}'"
   extra = f",{overrides}" if overrides else ""
   return tuple(synthetic_config.get_config(f"{stage},{paths}{extra}")

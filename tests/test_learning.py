@@ -35,8 +35,9 @@ def rows(tmp_path_factory):
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
                               if "force_host_platform_device_count" not in f)
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "train.py"), f"--config={ROOT}/configs/synthetic.py:{arg}",
-       f"--workdir={root}/run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+      [sys.executable, os.path.join(ROOT, "train.py"),
+       f"--config={ROOT}/configs/synthetic.py:{arg}", f"--workdir={root}/run"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(os.path.join(root, "run", "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
