@@ -153,10 +153,11 @@ def load_init_from(path, variables, attributes, joint):
   return {"params": params, "batch_stats": batch_stats}
 
 
-def load_backbones(config, variables, joint):
-  """Converted ImageNet backbones named in config.model.init_backbones, if any."""
+def load_backbones(config, variables, joint, global_too=True):
+  """Converted ImageNet backbones named in config.model.init_backbones, if any (the global one
+  only when `global_too`: with --init_from the previous stage provides it)."""
   files = config.model.init_backbones
-  branches = [("global", files.global_file, config.model.global_backbone)]
+  branches = [("global", files.global_file, config.model.global_backbone)] if global_too else []
   if joint:
     branches.append(("local", files.local_file, config.model.local_backbone))
   params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
@@ -170,7 +171,7 @@ def load_backbones(config, variables, joint):
     batch_stats[branch] = dict(batch_stats[branch], backbone=convert.strict_merge(
         batch_stats[branch]["backbone"], bb["batch_stats"], path))
     loaded_any = True
-  if not loaded_any:
+  if not loaded_any and branches:
     logging.warning("No ImageNet backbone weights (config.model.init_backbones): training from "
                     "scratch; results will be far below the paper's.")
   return {"params": params, "batch_stats": batch_stats}
@@ -214,10 +215,10 @@ def init_state(config, model, tx, joint, init_from=None, info=None):
   """Host-side initial TrainState (before any resume)."""
   variables = model_lib.init_variables(model, jax.random.key(config.seed),
                                        config.data.image_size, config.model.local_size)
+  # ImageNet backbones first (stage 2's local branch needs them too), then the previous stage.
+  variables = load_backbones(config, variables, joint, global_too=not init_from)
   if init_from:
     variables = load_init_from(init_from, variables, info.attributes, joint)
-  else:
-    variables = load_backbones(config, variables, joint)
   return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
 
