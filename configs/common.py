@@ -102,6 +102,13 @@ def base_config(stage):
   c.train.loss_weights = ml_collections.ConfigDict(
       dict(global_triplet=1.0, local_triplet=0.1, alignment=0.1))
 
+  # Backbone pretraining by attribute classification (asen_jax/pretrain.py,
+  # tools/pretrain_backbone.py): the stand-in for ImageNet weights where there are none.
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.steps = 1000
+  c.pretrain.batch_size = 64         # images per step (all devices)
+  c.pretrain.lr = 1e-3
+
   c.eval = ml_collections.ConfigDict()
   c.eval.beta = 0.6
   c.eval.batch_size = 64

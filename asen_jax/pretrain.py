@@ -1,0 +1,179 @@
+"""Backbone pretraining by attribute classification: a stand-in for ImageNet weights.
+
+ASEN++ starts both of its backbones from ImageNet. Where no such weights can be had (the
+built-in synthetic garments; nothing downloads here), `pretrain_backbone` trains the backbone
+to classify the attributes of the training split -- one linear head per attribute on the
+globally average-pooled last-stage features, cross entropy over the (image, attribute, value)
+labels of label_train.txt -- and writes it as a torchvision-keyed .npz: the file format that
+`config.model.init_backbones.global_file` / `local_file` read, i.e. the way ImageNet weights
+enter. From scratch, triplet training of many attributes at once learns the large ones (colour,
+length) and leaves small details at random-ranking MAP for hundreds of steps; classification
+learns them all within a few hundred steps.
+
+Only the labels that ASEN++ trains on are used (the train split), and only for the backbone:
+the attention, embedding heads and the attribute table still come from the two ASEN++ stages.
+"""
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from asen_jax import convert
+from asen_jax import model as model_lib
+from asen_jax import parallel
+from asen_jax import resnet
+from asen_jax.data import builder
+from asen_jax.data import pipeline
+
+NUM_STAGES = 3   # ASEN++ uses ResNets up to layer3
+
+
+class AttributeClassifier(nn.Module):
+  """Backbone -> global average pool -> one linear head per attribute (logits concatenated)."""
+  backbone_name: str
+  width: float
+  num_values: tuple
+
+  def setup(self):
+    self.backbone = resnet.make_backbone(self.backbone_name, NUM_STAGES, self.width)
+    self.heads = nn.Dense(sum(self.num_values))
+
+  def __call__(self, images_bhwc, train=False):
+    return self.heads(self.backbone(images_bhwc, train).mean(axis=(1, 2)))
+
+
+def _value_table(num_values):
+  """[A, Kmax] int32 positions of each attribute's logits in the concatenated heads, -1 = pad."""
+  kmax, offsets = max(num_values), np.cumsum((0,) + tuple(num_values))
+  table = np.full((len(num_values), kmax), -1, np.int32)
+  for a, k in enumerate(num_values):
+    table[a, :k] = offsets[a] + np.arange(k)
+  return jnp.asarray(table)
+
+
+def classification_loss(logits_bn, labels_ba, table):
+  """Cross entropy of every known (image, attribute) label among that attribute's values.
+
+  labels_ba: int [b, A], -1 where an image has no label for an attribute (FashionAI images carry
+  one attribute each, the synthetic ones all). Returns (mean loss over known labels,
+  correct [b, A] in {0, 1}, known [b, A] in {0, 1}).
+  """
+  b = logits_bn.shape[0]
+  idx = jnp.broadcast_to(table[None], (b,) + table.shape)              # [b, A, Kmax]
+  logits = jnp.take_along_axis(logits_bn[:, None, :].astype(jnp.float32),
+                               jnp.maximum(idx, 0), axis=-1)
+  logits = jnp.where(idx >= 0, logits, -jnp.inf)
+  known = (labels_ba >= 0).astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels_ba, 0))
+  loss = jnp.sum(ce * known) / jnp.maximum(jnp.sum(known), 1.0)
+  correct = (jnp.argmax(logits, -1) == labels_ba).astype(jnp.float32) * known
+  return loss, correct, known
+
+
+def label_matrix(rows, num_records, num_attributes):
+  """int32 [num_records, A] value of each (image, attribute), -1 where unlabelled."""
+  labels = np.full((num_records, num_attributes), -1, np.int32)
+  labels[rows[:, 0], rows[:, 1]] = rows[:, 2]
+  return labels
+
+
+def backbone_to_torchvision(variables):
+  """Backbone {'params', 'batch_stats'} -> {torchvision key: numpy array in torch layout}."""
+  out = {}
+  for collection in ("params", "batch_stats"):
+    for key, value in convert.flatten_tree(variables[collection]).items():
+      path = tuple(key.split("/"))
+      value = np.asarray(value, np.float32)
+      if path[-1] == "kernel" and value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)       # (kh, kw, in, out) -> (out, in, kh, kw)
+      out[convert.flax_to_torch_key(path)] = value
+  return out
+
+
+def _images_for_step(records, seed, step, batch_size):
+  """The images of global step `step`: a pure function of (seed, step), so reruns are identical."""
+  rng = np.random.default_rng([int(seed), 7, int(step)])
+  return records[rng.integers(0, len(records), batch_size)]
+
+
+def pretrain_backbone(config, out_path, *, arch=None, log=print):
+  """Trains `arch` (default: config.model.global_backbone) by attribute classification and
+  writes it to `out_path` (.npz, torchvision keys). Returns {attribute: final accuracy %}.
+
+  Knobs: config.pretrain.{steps, batch_size, lr}; data, image size and width from the config.
+  """
+  if not out_path.endswith(".npz"):
+    raise ValueError(f"pretrain: the output {out_path} must end in .npz (the torchvision-keyed "
+                     "format that model.init_backbones.*_file reads).")
+  arch = arch or config.model.global_backbone
+  p = config.pretrain
+  mesh = parallel.make_mesh()
+  parallel.check_batch_size(p.batch_size, "pretrain.batch_size", mesh)
+  builder.prepare_dataset(config)
+  info = builder.dataset_info(config)
+  rows = builder.train_labels(config)
+  rows = rows[rows[:, 0] >= 0]                  # images skipped as corrupt have record -1
+  source = builder.split_source(config, "train")
+  labels = label_matrix(rows, len(source), len(info.attributes))
+  records = np.unique(rows[:, 0])
+  table = _value_table(tuple(info.num_values))
+  net = AttributeClassifier(arch, config.model.width, tuple(int(k) for k in info.num_values))
+  size = config.data.image_size
+  variables = jax.jit(net.init)(jax.random.key(config.seed),
+                                jnp.zeros((1, size, size, 3), jnp.float32))
+  tx = optax.adam(p.lr)
+  state = parallel.replicate(mesh, (variables["params"], variables["batch_stats"],
+                                    tx.init(variables["params"])))
+
+  def step_fn(state, images, labels):
+    params, batch_stats, opt = state
+
+    def loss_fn(params):
+      logits, upd = net.apply({"params": params, "batch_stats": batch_stats},
+                              model_lib.normalize_images(images), train=True,
+                              mutable=["batch_stats"])
+      loss, correct, known = classification_loss(logits, labels, table)
+      return loss, (correct, known, upd["batch_stats"])
+
+    (loss, (correct, known, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return (optax.apply_updates(params, updates), batch_stats, opt), loss, (correct, known)
+
+  rep = parallel.replicated(mesh)
+  data = parallel.batch_sharding(mesh)
+  step_fn = jax.jit(step_fn, in_shardings=(rep, data, data),
+                    out_shardings=(rep, rep, rep), donate_argnums=(0,))
+  num_attr = len(info.attributes)
+  hits, counts = np.zeros(num_attr), np.zeros(num_attr)
+  window = max(1, p.steps // 5)   # accuracy over the last fifth of the steps
+  bar = tqdm(range(p.steps), desc=f"pretrain {arch}", disable=jax.process_index() != 0)
+  for step in bar:
+    batch = _images_for_step(records, config.seed, step, p.batch_size)
+    images = np.stack([pipeline.load_view(source[int(r)]["image"], size, size)[0]
+                       for r in batch])
+    state, loss, (correct, known) = step_fn(state, *parallel.shard_batch(mesh, (images,
+                                                                                labels[batch])))
+    if not np.isfinite(float(loss)):
+      raise FloatingPointError(f"pretrain: the loss became {float(loss)} at step {step}; "
+                               f"lower pretrain.lr (now {p.lr}).")
+    if step >= p.steps - window:
+      hits += np.asarray(jax.device_get(correct)).sum(0)
+      counts += np.asarray(jax.device_get(known)).sum(0)
+    bar.set_postfix(loss=f"{float(loss):.3f}")
+  params, batch_stats, _ = jax.device_get(state)
+  weights = backbone_to_torchvision({"params": params["backbone"],
+                                     "batch_stats": batch_stats["backbone"]})
+  accuracy = {name: float(100 * hits[a] / max(counts[a], 1))
+              for a, name in enumerate(info.attributes)}
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    tmp = out_path[:-4] + ".tmp.npz"
+    np.savez(tmp, **weights)
+    os.replace(tmp, out_path)   # never a half-written weight file
+    log(f"Pretrained {arch} ({p.steps} steps): training accuracy over the last {window} steps "
+        + ", ".join(f"{k} {v:.0f}%" for k, v in accuracy.items()) + f"; wrote {out_path}.")
+  return accuracy
