@@ -85,7 +85,7 @@ def test_dataset_info(built, tmp_path):
   assert info.name == "synthetic"
   assert info.attributes == ("colour", "length", "pattern", "neckline", "button")
   assert info.num_values == (6, 4, 4, 4, 4)
-  assert info.value_names[3] == ("crew", "crew_piped", "scoop", "scoop_piped")
+  assert info.value_names[3] == ("crew", "crew_ribbed", "scoop", "scoop_ribbed")
   # Public datasets: the built-in lists, which the shipped configs must match.
   from configs import darn, deepfashion, fashionai   # pylint: disable=g-import-not-at-top
   for mod, n_attr, total in ((fashionai, 8, 54), (darn, 9, 185), (deepfashion, 5, 1000)):

@@ -10,6 +10,7 @@ from PIL import Image
 import pytest
 
 from asen_jax.data import synthetic
+from asen_jax.data.pipeline import load_view
 
 SIZES = dict(num_train=30, num_valid=12, num_test=12)
 
@@ -82,13 +83,16 @@ def test_layout_queries_candidates_and_boxes(tiny):
       with Image.open(os.path.join(tiny, name)) as im:
         w, h = im.size
       assert [w, h] == meta["splits"][split]["image_size_wh"][fid]
-      assert max(w, h) == 256
+      assert min(w, h) == 256
       s0 = min(w, h)
-      garment, _, body, neck, button = np.asarray(meta["splits"][split]["boxes"][fid])
+      garment, length_box, pattern_box, neck, button = np.asarray(
+          meta["splits"][split]["boxes"][fid])
+      np.testing.assert_array_equal(length_box, garment)
+      np.testing.assert_array_equal(pattern_box, garment)
       # The garment lies inside the centre crop, details inside the garment.
       assert garment[0] >= (w - s0) / 2 and garment[2] <= (w + s0) / 2
       assert garment[1] >= (h - s0) / 2 and garment[3] <= (h + s0) / 2
-      for box in (body, neck, button):
+      for box in (neck, button):
         assert box[0] >= garment[0] - 1e-3 and box[2] <= garment[2] + 1e-3
         assert box[1] >= garment[1] - 1e-3 and box[3] <= garment[3] + 1e-3
       # Details are small: a few % of the crop width.
@@ -144,3 +148,32 @@ def test_detail_scale_changes_only_the_details():
   assert diff[y0:y1, x0:x1].mean() > 5
   with pytest.raises(ValueError, match="detail_scale must be in"):
     synthetic.generate("/nonexistent", detail_scale=3.0)
+
+
+def _view_of_box(labels, attribute, size, seed=4, index=2):
+  """The `size` px view of an image (as the pipeline makes it) and its box for `attribute`."""
+  jpeg, (w, h), boxes = synthetic.render_garment(seed, "train", index, labels)
+  view = load_view(jpeg, size, size)[0].astype(np.float32)
+  m = min(w, h)
+  f = size / m
+  x0, y0, x1, y1 = boxes[attribute]
+  box = [int((x0 - (w - m) / 2) * f), int((y0 - (h - m) / 2) * f),
+         int(np.ceil((x1 - (w - m) / 2) * f)), int(np.ceil((y1 - (h - m) / 2) * f))]
+  return view, box
+
+
+@pytest.mark.parametrize("attribute, plain, fine", [(3, 0, 1), (3, 2, 3)])
+def test_fine_cues_need_the_zoomed_view(attribute, plain, fine):
+  """Ribbed vs plain crew and scoop: nearly the same at the 96 px global view, clearly different
+  at the 224 px view the RoI crop is taken from (what the local branch is for)."""
+  a_labels, b_labels = [1, 2, 0, 2, 0], [1, 2, 0, 2, 0]
+  a_labels[attribute], b_labels[attribute] = plain, fine
+  diffs = []
+  for size in (96, 224):
+    a, (x0, y0, x1, y1) = _view_of_box(a_labels, attribute, size)
+    b, _ = _view_of_box(b_labels, attribute, size)
+    diffs.append(float(np.abs(a[y0:y1, x0:x1] - b[y0:y1, x0:x1]).mean()))
+  low, high = diffs
+  print(f"attribute {attribute}: mean |plain - fine| in its box: {low:.1f} at 96 px, "
+        f"{high:.1f} at 224 px")
+  assert high > 2.0 * low, diffs

@@ -2,17 +2,20 @@
 
     python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
 
-Each image shows one garment (body, sleeves, neckline, a button placket) on a light, nearly
-grey, noisy background, JPEG-encoded. Five attributes, every image carries all of them:
-  colour, length, pattern   large, visible at any resolution (box: the garment / its body);
-  neckline, button          small details (box: the neckline region / the button column), each
-                            with a coarse cue that a ~96 px global view sees (scoop vs crew
-                            depth, large vs small buttons) and a fine cue that needs a ~2x zoomed
-                            crop (a ~1 px piping around the neckline; a ring's hole, with the
-                            same ink area as the disc of its size).
-The nuisance variation (background, scale) is kept small: from scratch, with a few hundred
-steps, it is what slows learning most. Everything is a pure function of (seed, split, index):
-same seed, same bytes.
+Each image shows one garment (body, sleeves, a white bib with a neckline cut-out and three
+buttons) on a light, nearly grey, noisy background, JPEG-encoded. Five attributes, every image
+carries all of them:
+  colour, length, pattern   large, visible at any resolution (box: the garment);
+  neckline, button          small details on the bib (box: the neckline region / the button
+                            column), each with a coarse cue that a ~96 px global view sees
+                            (crew vs scoop depth; small vs large buttons) and a fine cue that
+                            a zoomed crop resolves much better: a ribbed neckline (stripes of a
+                            4 px period, averaged to the plain one's grey when the image is
+                            shrunk to 96 px) and ring buttons (a hole, with the ink area of the
+                            disc; a faint lighter centre at 96 px).
+The bib is white whatever the garment's colour, as plackets and collars often are, so the
+details look the same on every garment. The nuisance variation (background, scale) is kept
+small. Everything is a pure function of (seed, split, index): same seed, same bytes.
 """
 import argparse
 import io
@@ -22,14 +25,14 @@ import os
 import time
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 
 ATTRIBUTES = ("colour", "length", "pattern", "neckline", "button")
 VALUE_NAMES = (
     ("red", "orange", "yellow", "green", "blue", "purple"),
     ("cropped", "hip", "knee", "ankle"),
     ("plain", "h_stripes", "v_stripes", "checks"),
-    ("crew", "crew_piped", "scoop", "scoop_piped"),
+    ("crew", "crew_ribbed", "scoop", "scoop_ribbed"),
     ("small", "small_ring", "large", "large_ring"),
 )
 GLOBAL_ATTRIBUTES = ("colour", "length", "pattern")
@@ -45,13 +48,15 @@ _STRIPE_PERIOD, _STRIPE_DUTY, _STRIPE_DARKEN = 0.3, 0.35, 0.8  # bold dark strip
                                                               # shoulder, dark share, darkening
 _CLUTTER, _CLUTTER_CONTRAST = (0, 3), 0.06     # faint background shapes: count range, +-contrast
 _BG_SATURATION, _BG_VALUE = (0.0, 0.12), (0.75, 0.9)
-# Details: one coarse cue (size) that the global view sees, one fine cue (piping, ring hole)
-# that needs the zoomed crop.
-_NECK_SIZES = ((0.2, 0.07), (0.3, 0.22))       # (width, depth) / shoulder: crew, scoop
-_PIPING = 0.006                                # piping half-width / shoulder (~1 px at 256 px)
-_BUTTON_R, _BUTTON_LARGE, _RING_HOLE = 0.03, 2.0, 0.5   # disc radius / shoulder, large x, hole
-# (width, height): long side 256, varied aspect ratios so resize + centre crop matter.
-_CANVASES = ((256, 256), (256, 192), (192, 256), (256, 224), (224, 256), (256, 176), (176, 256))
+# Details: one coarse cue (size) that the global view sees, one fine cue (ribbing, ring hole)
+# that needs the zoomed crop. Sizes are fractions of the shoulder width, times detail_scale.
+_NECK_SIZES = ((0.25, 0.09), (0.375, 0.275))   # (width, depth): crew, scoop
+_RIB_PERIOD = 4                                # ribbing: stripe period in output pixels
+_RIB_CONTRAST = 45                             # ribbing: +- grey levels around the plain fill
+_BUTTON_R, _BUTTON_LARGE, _RING_HOLE = 0.0375, 2.0, 0.5   # disc radius, large x, hole / ring
+# (width, height): shorter side 256 (so every image shrinks by the same factor to the global
+# view), varied aspect ratios so resize + centre crop matter.
+_CANVASES = ((256, 256), (256, 320), (320, 256), (256, 288), (288, 256), (256, 352), (352, 256))
 _SS = 2  # supersampling factor: draw at 2x, box-filter down (anti-aliased small shapes)
 
 
@@ -162,36 +167,39 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   img = Image.fromarray(arr)
   draw = ImageDraw.Draw(img)
 
-  # Neckline: a dark cut-out at the top centre, shallow (crew) or deep (scoop), with or without
-  # a thin near-white piping (~1 px at 256 px: a faint tint at the global view, a clear line
-  # in a 2x zoomed crop).
-  deep, piped = divmod(neckline, 2)
+  # The bib: white on every garment, from the shoulder line down to the last button.
+  bib = tuple([int(rng.integers(228, 248))] * 3)
+  bib_x = 0.21 * s
+  draw.rectangle([p(cx - bib_x, ty), p(cx + bib_x, ty + min(0.68 * s, body_h - 0.02 * s))],
+                 fill=bib)
+
+  # Neckline: a dark cut-out at the top of the bib, shallow (crew) or deep (scoop); ribbed =
+  # vertical stripes of _RIB_PERIOD output pixels around the plain fill (same mean grey).
+  deep, ribbed = divmod(neckline, 2)
   nw, nd = _NECK_SIZES[deep]
   nw, nd = nw * s * detail_scale, nd * s * detail_scale
-  inner = tuple(int(c) for c in rng.integers(30, 70, size=3))
-  piping = tuple(int(c) for c in rng.integers(225, 255, size=3))
-  trim = tuple(int(min(255, c * 1.15 + 20)) for c in base)
+  inner = int(rng.integers(55, 80))
   x0, y0 = int((cx - 0.2 * s) * _SS), int((ty - 0.1 * s) * _SS)
   x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((ty + 0.3 * s) * _SS) + 1
   cut = Image.new("L", (x1 - x0, y1 - y0), 0)
   ImageDraw.Draw(cut).pieslice([cx * _SS - x0 - nw * _SS / 2, ty * _SS - y0 - nd * _SS,
                                 cx * _SS - x0 + nw * _SS / 2, ty * _SS - y0 + nd * _SS],
                                0, 180, fill=255)
-  if piped:
-    tw = 2 * max(1, int(round(_PIPING * s * _SS))) + 1
-    img.paste(piping, (x0, y0, x1, y1), cut.filter(ImageFilter.MaxFilter(tw)))
-  img.paste(inner, (x0, y0, x1, y1), cut)
+  fill = np.full((y1 - y0, x1 - x0), inner, np.float32)
+  if ribbed:
+    phase = int(rng.integers(_RIB_PERIOD * _SS))
+    dark = ((np.arange(x0, x1) + phase) // (_RIB_PERIOD * _SS // 2)) % 2 == 0
+    fill = fill + np.where(dark, -_RIB_CONTRAST, _RIB_CONTRAST)[None, :]
+  fill = Image.fromarray(np.clip(fill, 0, 255).astype(np.uint8)).convert("RGB")
+  img.paste(fill, (x0, y0, x1, y1), cut)
 
-  # Placket with three buttons of one kind.
-  pk_w = 0.18 * s
+  # Three buttons of one kind down the bib.
   pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
-  placket = trim
-  draw.rectangle([p(cx - pk_w / 2, pk_y0), p(cx + pk_w / 2, pk_y1)], fill=placket)
-  r = _BUTTON_R * s * detail_scale   # small disc ~5-6 px wide at 256 px: a blob at ~96 px
+  r = _BUTTON_R * s * detail_scale   # small disc ~8 px wide at 256 px: a blob at 96 px
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
   ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
   for by in ys:
-    _draw_button(draw, button, cx * _SS, by * _SS, r * _SS, button_fill, placket)
+    _draw_button(draw, button, cx * _SS, by * _SS, r * _SS, button_fill, bib)
 
   img = img.resize((w, h), Image.Resampling.BOX)
   arr = np.asarray(img, np.float32)
@@ -201,10 +209,10 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   img.save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
 
   garment = [cx - half_w, ty - neck_up, cx + half_w, ty + body_h]
-  body_box = [cx - hem_half, ty, cx + hem_half, ty + body_h]
   neck_box = [cx - 0.19 * s, ty - 0.04 * s, cx + 0.19 * s, ty + 0.28 * s]
   button_box = [cx - 0.11 * s, ys[0] - 0.1 * s, cx + 0.11 * s, ys[-1] + 0.1 * s]
-  boxes = [garment, garment, body_box, neck_box, button_box]
+  # The pattern covers body and sleeves, so its region is the whole garment, like the colour's.
+  boxes = [garment, garment, garment, neck_box, button_box]
   boxes = [[round(float(v), 2) for v in b] for b in boxes]
   return buf.getvalue(), (w, h), boxes
 
@@ -244,8 +252,8 @@ def _render_job(args):
 def generate(out, *, seed=0, num_train=3000, num_valid=400, num_test=800, query_fraction=0.2,
              folder="Synthetic", detail_scale=1.0, workers=0, verbose=False):
   """Writes <out>/<folder>/ in the official layout plus meta.json; returns that path."""
-  if not 0.5 <= detail_scale <= 1.25:
-    raise ValueError(f"detail_scale must be in [0.5, 1.25] (details must fit their boxes), got "
+  if not 0.4 <= detail_scale <= 1.0:
+    raise ValueError(f"detail_scale must be in [0.4, 1.0] (details must fit their boxes), got "
                      f"{detail_scale}.")
   if not 0.0 < query_fraction < 1.0:
     raise ValueError(f"query_fraction must be in (0, 1), got {query_fraction}.")
@@ -313,7 +321,7 @@ def main(argv=None):
   parser.add_argument("--query_fraction", type=float, default=0.2,
                       help="per attribute, this fraction of a valid/test split are queries")
   parser.add_argument("--detail_scale", type=float, default=1.0,
-                      help="size of the neckline and buttons (0.5-1.25): smaller = harder at "
+                      help="size of the neckline and buttons (0.4-1.0): smaller = harder at "
                            "the global view")
   parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
   args = parser.parse_args(argv)
