@@ -1,7 +1,9 @@
 """The end-to-end demo on the built-in synthetic garments (used by the repo-root demo.py).
 
-generate data -> build the tfds dataset -> train stage 1 (global) -> train stage 2 (joint,
-initialised from stage 1) -> evaluate both on test -> pictures -> one results table.
+generate data -> build the tfds dataset -> pretrain a backbone by attribute classification (the
+stand-in for ImageNet weights, which cannot be downloaded here) -> train stage 1 (global) ->
+train stage 2 (joint, initialised from stage 1) -> evaluate both on test -> pictures -> one
+results table.
 Every step reuses what a previous run left: existing data, a built dataset, finished stages.
 """
 import json
@@ -15,6 +17,7 @@ from asen_jax import data as data_lib
 from asen_jax import evaluation
 from asen_jax import model as model_lib
 from asen_jax import parallel
+from asen_jax import pretrain
 from asen_jax import retrieval
 from asen_jax import trainer
 from asen_jax.data import builder
@@ -22,11 +25,14 @@ from asen_jax.data import synthetic
 from configs import synthetic as synthetic_config
 
 
-def demo_configs(data_root, overrides=""):
-  """(global, joint) synthetic configs: data in <data_root>/Synthetic, tfds in <data_root>/tfds."""
+def demo_configs(data_root, backbone_file, overrides=""):
+  """(global, joint) synthetic configs: data in <data_root>/Synthetic, tfds in <data_root>/tfds,
+  both backbones initialised from `backbone_file` (the pretrained stand-in for ImageNet)."""
   paths = f"data.root='{data_root}',data.tfds_dir='{os.path.join(data_root, 'tfds')}'"
+  init = {"global": f"model.init_backbones.global_file='{backbone_file}'",
+          "joint": f"model.init_backbones.local_file='{backbone_file}'"}
   extra = f",{overrides}" if overrides else ""
-  return tuple(synthetic_config.get_config(f"{stage},{paths}{extra}")
+  return tuple(synthetic_config.get_config(f"{stage},{paths},{init[stage]}{extra}")
                for stage in ("global", "joint"))
 
 
@@ -104,10 +110,19 @@ def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2):
   """Runs every step of the demo; returns the results dict (also written to results.json)."""
   t_start = time.time()
   ensure_data(data_root)
-  config_g, config_j = demo_configs(data_root, overrides)
+  backbone_file = os.path.join(workdir, "backbone.npz")
+  config_g, config_j = demo_configs(data_root, backbone_file, overrides)
   print("Building the tfds dataset (once) ...", flush=True)
   data_lib.prepare_dataset(config_g)
   timings = {}
+  t0 = time.time()
+  if os.path.isfile(backbone_file):
+    print(f"Using the pretrained backbone {backbone_file}.")
+  else:
+    print(f"Stage 0 (backbone pretraining by attribute classification, the stand-in for "
+          f"ImageNet weights) -> {backbone_file}", flush=True)
+    pretrain.pretrain_backbone(config_g, backbone_file)
+  timings["pretrain_s"] = time.time() - t0
   global_dir, joint_dir = os.path.join(workdir, "global"), os.path.join(workdir, "joint")
   pictures = os.path.join(workdir, "pictures")
 

@@ -3,10 +3,11 @@
 Generate the data first: `python -m asen_jax.data.synthetic --out data` (demo.py does it all).
 Usage: --config configs/synthetic.py:global|joint[,key=value...].
 
-From scratch (no ImageNet weights) and on 2 CPU cores, what learns in a few hundred steps is a
-light, well-conditioned backbone on a small global view: ResNet-18 at 1/4 width, 96 px (a 6 x 6
-attention map). The local branch sees a 96 px RoI crop of a 224 px view of the same field, i.e.
-about 2x the global resolution where the box covers half the frame.
+On 2 CPU cores, what learns in a few hundred steps is a light backbone on a small global view:
+ResNet-18 at 1/4 width, 96 px (a 6 x 6 attention map), started from a backbone pretrained by
+attribute classification (asen_jax/pretrain.py, the `pretrain` fields; the stand-in for ImageNet
+weights). The local branch sees a 160 px RoI crop of a 224 px view of the same field, i.e. 1.7x
+the global resolution for a whole-frame box and more for smaller ones.
 """
 from configs import common
 
@@ -31,7 +32,7 @@ def get_config(arg="global"):
   c.model.global_common_dim = 64
   c.model.local_common_dim = 32
   c.model.embed_dim = 128
-  c.model.local_size = 96
+  c.model.local_size = 160           # the RoI crop keeps the 224 view's detail
 
   c.train.batch_size = 32
   c.train.triplets_per_epoch = 6400  # 200 steps per epoch
@@ -41,5 +42,9 @@ def get_config(arg="global"):
   c.train.lr_global = 7e-4 if not joint else 2e-4
   c.train.epochs = 2 if not joint else 1
   c.train.decay_every_epochs = 1
+  # Stage 0 (asen_jax/pretrain.py), the demo's stand-in for ImageNet weights.
+  c.pretrain.steps = 250
+  c.pretrain.batch_size = 96
+  c.pretrain.lr = 7e-4
   c.eval.batch_size = 64
   return common.apply_overrides(c, overrides)
