@@ -150,13 +150,23 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
   num_attr = len(info.attributes)
   hits, counts = np.zeros(num_attr), np.zeros(num_attr)
   window = max(1, p.steps // 5)   # accuracy over the last fifth of the steps
-  bar = tqdm(range(p.steps), desc=f"pretrain {arch}", disable=jax.process_index() != 0)
-  for step in bar:
-    batch = _images_for_step(records, config.seed, step, p.batch_size)
+  local = p.batch_size // jax.process_count()
+  first = jax.process_index() * local
+
+  def load(step):
+    """This process's share of the images of `step` and their [b, A] labels."""
+    batch = _images_for_step(records, config.seed, step, p.batch_size)[first:first + local]
     images = np.stack([pipeline.load_view(source[int(r)]["image"], size, size)[0]
                        for r in batch])
-    state, loss, (correct, known) = step_fn(state, *parallel.shard_batch(mesh, (images,
-                                                                                labels[batch])))
+    return images, labels[batch]
+
+  bar = tqdm(range(p.steps), desc=f"pretrain {arch}", disable=jax.process_index() != 0)
+  upcoming = load(0)
+  for step in bar:
+    current = upcoming
+    state, loss, (correct, known) = step_fn(state, *parallel.shard_batch(mesh, current))
+    if step + 1 < p.steps:
+      upcoming = load(step + 1)   # decodes while the device runs this step
     if not np.isfinite(float(loss)):
       raise FloatingPointError(f"pretrain: the loss became {float(loss)} at step {step}; "
                                f"lower pretrain.lr (now {p.lr}).")

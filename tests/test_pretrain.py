@@ -6,31 +6,18 @@ import pytest
 
 from asen_jax import checkpoint as ckpt_lib
 from asen_jax import convert
-from asen_jax import data as data_lib
 from asen_jax import pretrain
 from asen_jax import resnet
 from asen_jax import trainer
 from asen_jax.data import synthetic
-from configs import synthetic as synthetic_config
+from tests.tiny_synthetic import make_data, tiny_config
 
-TINY = ("data.image_size=32,data.hires_size=64,model.local_size=32,model.width=0.0625,"
-        "model.attr_dim=16,model.global_common_dim=16,model.local_common_dim=8,"
-        "model.embed_dim=32,train.batch_size=8,eval.batch_size=8,pretrain.batch_size=16,"
-        "pretrain.steps=3")
+PRETRAIN = "pretrain.batch_size=16,pretrain.steps=3"
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  synthetic.generate(str(root), seed=5, num_train=40, num_valid=20, num_test=20)
-  return root
-
-
-def tiny_config(data_root, stage, extra=""):
-  arg = f"{stage},{TINY},data.root='{data_root}',data.tfds_dir='{data_root}/tfds'"
-  config = synthetic_config.get_config(arg + ("," + extra if extra else ""))
-  data_lib.prepare_dataset(config)
-  return config
+  return make_data(tmp_path_factory, seed=5)
 
 
 def test_classification_loss_by_hand():
@@ -65,7 +52,7 @@ def test_torchvision_export_round_trips():
 
 
 def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
-  config = tiny_config(data_root, "global")
+  config = tiny_config(data_root, "global", PRETRAIN)
   out = str(tmp_path / "backbone.npz")
   accuracy = pretrain.pretrain_backbone(config, out, log=lambda s: None)
   assert set(accuracy) == set(synthetic.ATTRIBUTES)
@@ -97,6 +84,6 @@ def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
 
 
 def test_pretrain_rejects_other_suffix(data_root, tmp_path):
-  config = tiny_config(data_root, "global")
+  config = tiny_config(data_root, "global", PRETRAIN)
   with pytest.raises(ValueError, match=r"must end in \.npz"):
     pretrain.pretrain_backbone(config, str(tmp_path / "backbone.pth"))

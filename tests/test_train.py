@@ -12,29 +12,13 @@ from asen_jax import checkpoint as ckpt_lib
 from asen_jax import data as data_lib
 from asen_jax import parallel
 from asen_jax import trainer
-from asen_jax.data import synthetic
-from configs import synthetic as synthetic_config
+from tests.tiny_synthetic import make_data, tiny_config, TINY
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A tiny model and data set: every number below is checked, not the speed of learning.
-TINY = ("model.global_backbone='resnet18',model.local_backbone='resnet18',data.image_size=32,data.hires_size=64,model.local_size=32,model.width=0.0625,"
-        "model.attr_dim=16,model.global_common_dim=16,model.local_common_dim=8,"
-        "model.embed_dim=32,train.batch_size=8,train.triplets_per_epoch=8000,eval.batch_size=8")
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
-  synthetic.generate(str(root), seed=3, num_train=40, num_valid=20, num_test=20)
-  return root
-
-
-def tiny_config(data_root, stage, extra=""):
-  arg = f"{stage},{TINY},data.root='{data_root}',data.tfds_dir='{data_root}/tfds'"
-  config = synthetic_config.get_config(arg + ("," + extra if extra else ""))
-  data_lib.prepare_dataset(config)
-  return config
+  return make_data(tmp_path_factory)
 
 
 def _first_batch(config):
