@@ -64,9 +64,11 @@ class Branch(nn.Module):
   reduction: int
   embed_dim: int
   dtype: Any = jnp.float32
+  output_stride: int = 0   # 0: torchvision's (16)
 
   def setup(self):
-    self.backbone = resnet.make_backbone(self.backbone_name, 3, self.width, self.dtype)
+    self.backbone = resnet.make_backbone(self.backbone_name, 3, self.width, self.dtype,
+                                         self.output_stride)
     self.head = AttnEmbedding(self.common_dim, self.reduction, self.embed_dim, self.dtype)
 
   def __call__(self, images_bhwc, attr_bd, train=False):
@@ -84,6 +86,8 @@ class ASENPP(nn.Module):
   local_common_dim: int = 256
   reduction: int = 2
   embed_dim: int = 1024
+  # 0: the paper's stride 16 (a 14 x 14 map at 224 px); 8 doubles the global map's resolution.
+  global_output_stride: int = 0
   with_local: bool = True
   dtype: Any = jnp.float32
 
@@ -91,7 +95,8 @@ class ASENPP(nn.Module):
     self.attr_embedding = nn.Embed(self.num_attributes, self.attr_dim, name="attr_embedding")
     # Explicit names: 'global' is a Python keyword, so it cannot be an attribute name.
     self.global_branch = Branch(self.global_backbone, self.width, self.global_common_dim,
-                                self.reduction, self.embed_dim, self.dtype, name="global")
+                                self.reduction, self.embed_dim, self.dtype,
+                                self.global_output_stride, name="global")
     if self.with_local:
       self.local_branch = Branch(self.local_backbone, self.width, self.local_common_dim,
                                  self.reduction, self.embed_dim, self.dtype, name="local")
@@ -119,7 +124,7 @@ class ASENPP(nn.Module):
 
 
 MODEL_FIELDS = ("global_backbone", "local_backbone", "width", "attr_dim", "global_common_dim",
-                "local_common_dim", "reduction", "embed_dim")
+                "local_common_dim", "reduction", "embed_dim", "global_output_stride")
 
 
 def build_model(model_config, num_attributes, with_local, dtype=None):
@@ -140,8 +145,14 @@ def build_model(model_config, num_attributes, with_local, dtype=None):
   except TypeError:
     raise ValueError(f"config.model.compute_dtype = {dtype!r} is not a dtype; "
                      "use 'float32' or 'bfloat16'.") from None
-  kwargs = {f: model_config[f] for f in MODEL_FIELDS}
-  return ASENPP(num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
+  # Configs and checkpoints from before the field existed mean the paper's stride.
+  stride = model_config.get("global_output_stride", 0)
+  if stride and stride not in resnet.output_strides(3):
+    raise ValueError(f"config.model.global_output_stride = {stride!r} is not possible for a "
+                     f"backbone to layer3; use 0 (the paper's 16) or one of "
+                     f"{resnet.output_strides(3)}.")
+  kwargs = {f: model_config[f] for f in MODEL_FIELDS if f != "global_output_stride"}
+  return ASENPP(global_output_stride=int(stride), num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
                 **kwargs)
 
 

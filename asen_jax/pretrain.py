@@ -37,9 +37,11 @@ class AttributeClassifier(nn.Module):
   backbone_name: str
   width: float
   num_values: tuple
+  output_stride: int = 0
 
   def setup(self):
-    self.backbone = resnet.make_backbone(self.backbone_name, NUM_STAGES, self.width)
+    self.backbone = resnet.make_backbone(self.backbone_name, NUM_STAGES, self.width,
+                                         output_stride=self.output_stride)
     self.heads = nn.Dense(sum(self.num_values))
 
   def __call__(self, images_bhwc, train=False):
@@ -121,7 +123,9 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
   labels = label_matrix(rows, len(source), len(info.attributes))
   records = np.unique(rows[:, 0])
   table = _value_table(tuple(info.num_values))
-  net = AttributeClassifier(arch, config.model.width, tuple(int(k) for k in info.num_values))
+  # It sees the global view, so it runs at the global branch's stride (weights do not depend on it).
+  net = AttributeClassifier(arch, config.model.width, tuple(int(k) for k in info.num_values),
+                            config.model.get("global_output_stride", 0))
   size = config.data.image_size
   variables = jax.jit(net.init)(jax.random.key(config.seed),
                                 jnp.zeros((1, size, size, 3), jnp.float32))

@@ -103,10 +103,14 @@ class ResNet(nn.Module):
   num_stages: int = 3
   width: float = 1.0
   dtype: Any = jnp.float32    # compute dtype; params stay float32
+  # Input size / output size. torchvision's is 4 * 2**(num_stages - 1) (16 to layer3); a smaller
+  # one keeps the later stages at stride 1 (same weights, a finer map, more compute).
+  output_stride: int = 0      # 0: torchvision's
 
   @nn.compact
   def __call__(self, x_bhwc, train=False):
-    """(B, H, W, 3) normalised images -> (B, H/16, W/16, C) features for num_stages=3."""
+    """(B, H, W, 3) normalised images -> (B, H/16, W/16, C) features for num_stages=3
+    (H/output_stride with an output_stride)."""
     block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
     x = jnp.asarray(x_bhwc, self.dtype)
     x = nn.Conv(scaled_channels(64, self.width), (7, 7), (2, 2), padding=_pad(7),
@@ -116,22 +120,37 @@ class ResNet(nn.Module):
     x = nn.relu(x)
     # Pooling pads with -inf (reduce_window's init value), as PyTorch's max-pool does.
     x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+    stride, target = 4, self.output_stride or 4 * 2 ** (self.num_stages - 1)
     for stage in range(self.num_stages):
       planes = scaled_channels(BASE_PLANES[stage], self.width)
       for i in range(self.stage_sizes[stage]):
-        strides = 2 if (stage > 0 and i == 0) else 1
+        strides = 2 if (stage > 0 and i == 0 and stride < target) else 1
+        stride *= strides
         x = block_cls(planes, strides, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
     return x
 
 
-def make_backbone(name, num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
-  """ResNet `name` ('resnet18'|'resnet34'|'resnet50') truncated after `num_stages` stages."""
+def output_strides(num_stages=3):
+  """The output strides a ResNet truncated after `num_stages` stages can have: (4, 8, 16) for 3."""
+  return tuple(4 * 2 ** k for k in range(num_stages))
+
+
+def make_backbone(name, num_stages=3, width=1.0, dtype=jnp.float32, output_stride=0, **kwargs):
+  """ResNet `name` ('resnet18'|'resnet34'|'resnet50') truncated after `num_stages` stages.
+
+  output_stride: 0 for torchvision's (16 to layer3), or a smaller one of `output_strides()`:
+  the stages past it run at stride 1 (same weights, so pretrained files load unchanged).
+  """
   stage_sizes, block = _arch(name)
   if not 1 <= num_stages <= 4:
     raise ValueError(f"num_stages must be in 1..4, got {num_stages}.")
   if not width > 0:
     raise ValueError(f"Backbone width must be > 0, got {width}.")
-  return ResNet(stage_sizes, block, num_stages, width, dtype, **kwargs)
+  if output_stride and output_stride not in output_strides(num_stages):
+    raise ValueError(f"output_stride {output_stride} is not possible for a ResNet with "
+                     f"{num_stages} stages; use 0 (torchvision's) or one of "
+                     f"{output_strides(num_stages)}.")
+  return ResNet(stage_sizes, block, num_stages, width, dtype, output_stride, **kwargs)
 
 
 def resnet18(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):

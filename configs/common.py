@@ -72,6 +72,7 @@ def base_config(stage):
   c.model.local_common_dim = 256
   c.model.reduction = 2
   c.model.embed_dim = 1024
+  c.model.global_output_stride = 0   # 0: the paper's 16 (14 x 14 map at 224 px); 8: 2x finer
   c.model.local_size = 112           # RoI crop side fed to the local branch
   c.model.roi_threshold = 0.1
   c.model.compute_dtype = "float32"  # bfloat16 on GPU/TPU; params stay float32

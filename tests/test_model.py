@@ -134,7 +134,8 @@ def test_stage2_other_backbones_small_width(tmp_path):
   net = tr.random_asenpp(3, seed=13, **kw)
   path = save_official(tmp_path / "checkpoint.pth.tar", net.state_dict())
   variables, info = convert.official_to_variables(convert.read_weight_file(path), path)
-  assert info["model"] == kw and info["stage"] == 2
+  # Official checkpoints are the paper's network: the global map at stride 16 (field value 0).
+  assert info["model"] == dict(kw, global_output_stride=0) and info["stage"] == 2
   model = model_lib.ASENPP(3, **kw)
   crops = np.random.RandomState(3).randn(2, 48, 48, 3).astype(np.float32)
   images = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
@@ -191,6 +192,33 @@ def test_bad_backbone_name(field):
   with pytest.raises(ValueError, match=rf"config.model.{field} = 'resnet101' is not a known "
                                        r"backbone; use one of resnet18, resnet34, resnet50\."):
     model_lib.build_model(model_config(**{field: "resnet101"}), 8, with_local=True)
+
+
+def test_global_output_stride_8_doubles_the_attention_map():
+  """The same variables at stride 8 give a 2x finer global map; the local branch stays at 16."""
+  x = np.random.RandomState(0).rand(2, 96, 96, 3).astype(np.float32)
+  attrs = np.array([0, 1], np.int32)
+  crops = np.random.RandomState(1).rand(2, 64, 64, 3).astype(np.float32)
+  fine = model_lib.build_model(model_config(width=0.25, global_output_stride=8), 2, True)
+  coarse = model_lib.build_model(model_config(width=0.25), 2, True)
+  variables = fine.init(jax.random.key(0), x, attrs, crops)
+  out_fine, out_coarse = fine.apply(variables, x, attrs, crops), coarse.apply(variables, x, attrs,
+                                                                               crops)
+  assert out_fine["global"][1].shape == (2, 12, 12)
+  assert out_coarse["global"][1].shape == (2, 6, 6)
+  np.testing.assert_array_equal(out_fine["local"][0], out_coarse["local"][0])
+  assert out_fine["local"][1].shape == (2, 4, 4)
+  # Checkpoint metadata from before the field existed builds the paper's stride.
+  old = model_config(width=0.25)
+  del old["global_output_stride"]
+  assert model_lib.build_model(old, 2, True).global_output_stride == 0
+
+
+def test_bad_global_output_stride():
+  with pytest.raises(ValueError, match=r"config.model.global_output_stride = 32 is not possible "
+                                       r"for a backbone to layer3; use 0 \(the paper's 16\) or "
+                                       r"one of \(4, 8, 16\)\."):
+    model_lib.build_model(model_config(global_output_stride=32), 8, with_local=True)
 
 
 def test_normalize_images_imagenet_stats():

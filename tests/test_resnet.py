@@ -118,3 +118,27 @@ def test_param_counts_match_facts():
 def test_bad_backbone_name():
   with pytest.raises(ValueError, match=r"Unknown backbone 'resnet101'; use one of resnet18, "):
     resnet.make_backbone("resnet101")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_output_stride_8_is_layer3_at_stride_1(arch):
+  """output_stride=8: the same weights, layer3's first block (and its downsample) at stride 1,
+  i.e. the torch reference with those two strides set to 1; twice the map's resolution."""
+  net = tr.random_resnet(arch, width=0.25, seed=11)
+  variables = convert.torchvision_to_backbone(net.state_dict(), arch, 3, 0.25)
+  first = net.layer3[0]
+  (first.conv2 if arch == "resnet50" else first.conv1).stride = (1, 1)
+  first.downsample[0].stride = (1, 1)
+  x = np.random.RandomState(4).randn(2, 96, 96, 3).astype(np.float32)
+  out = np.asarray(resnet.make_backbone(arch, width=0.25, output_stride=8).apply(variables, x))
+  assert out.shape == (2, 12, 12, resnet.output_channels(arch, width=0.25))
+  assert_close(out, torch_forward(net, x))
+  # 16 (the default) is torchvision's: the 6 x 6 map of an unmodified network.
+  out16 = resnet.make_backbone(arch, width=0.25, output_stride=16).apply(variables, x)
+  assert out16.shape == (2, 6, 6, out.shape[-1])
+
+
+def test_bad_output_stride():
+  with pytest.raises(ValueError, match=r"output_stride 32 is not possible for a ResNet with 3 "
+                                       r"stages; use 0 \(torchvision's\) or one of \(4, 8, 16\)"):
+    resnet.make_backbone("resnet18", output_stride=32)
