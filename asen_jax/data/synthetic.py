@@ -3,7 +3,8 @@
     python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
 
 Each image shows one garment (body, sleeves, a white bib with a neckline cut-out and three
-buttons) on a light, nearly grey, noisy background, JPEG-encoded. Five attributes, every image
+buttons) on a cluttered background (a random colour and 6-14 random shapes), JPEG-encoded.
+Five attributes, every image
 carries all of them:
   colour, length, pattern   large, visible at any resolution (box: the garment);
   neckline, button          small details on the bib (box: the neckline region / the button
@@ -14,8 +15,10 @@ carries all of them:
                             shrunk to 96 px) and ring buttons (a hole, with the ink area of the
                             disc; a faint lighter centre at 96 px).
 The bib is white whatever the garment's colour, as plackets and collars often are, so the
-details look the same on every garment. The nuisance variation (background, scale) is kept
-small. Everything is a pure function of (seed, split, index): same seed, same bytes.
+details look the same on every garment. The garment's scale varies by 1.3x and the background
+varies a lot, so neither the empty space around a garment nor a clean background is a shortcut:
+the cues sit on the garment, as in real photographs. Everything is a pure function of
+(seed, split, index): same seed, same bytes.
 """
 import argparse
 import io
@@ -42,12 +45,13 @@ _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 _HUES = (0.0, 0.08, 0.155, 0.33, 0.61, 0.78)   # HSV hue of each colour value
 _LENGTHS = (0.8, 1.15, 1.5, 1.85)              # body height / shoulder width
-_SHOULDER = (0.40, 0.44)     # shoulder width / image side: little scale change, so the garment's
-                             # area tells its length
+_SHOULDER = (0.34, 0.44)     # shoulder width / image side: enough scale change that neither the
+                             # garment's height nor the empty space around it tells its length
 _STRIPE_PERIOD, _STRIPE_DUTY, _STRIPE_DARKEN = 0.3, 0.35, 0.8  # bold dark stripes: period /
                                                               # shoulder, dark share, darkening
-_CLUTTER, _CLUTTER_CONTRAST = (0, 3), 0.06     # faint background shapes: count range, +-contrast
-_BG_SATURATION, _BG_VALUE = (0.0, 0.12), (0.75, 0.9)
+_CLUTTER = (6, 14)                             # background shapes: count range
+_BG_SATURATION, _BG_VALUE = (0.0, 0.4), (0.4, 0.95)          # background colour
+_CLUTTER_SATURATION, _CLUTTER_VALUE = (0.0, 0.6), (0.25, 1.0)  # colour of each shape
 # Details: one coarse cue (size) that the global view sees, one fine cue (ribbing, ring hole)
 # that needs the zoomed crop. Sizes are fractions of the shoulder width, times detail_scale.
 _NECK_SIZES = ((0.25, 0.09), (0.375, 0.275))   # (width, depth): crew, scoop
@@ -69,20 +73,20 @@ def _hsv_to_rgb(h, s, v):
 
 
 def _clutter_colour(rng):
-  # Light and nearly grey: the garment's colour is the only strongly coloured object, and the
-  # background varies little (from scratch, nuisance variation is what slows learning most).
+  # Less saturated than any garment, so the garment stays the most colourful object.
   return _hsv_to_rgb(rng.uniform(), rng.uniform(*_BG_SATURATION), rng.uniform(*_BG_VALUE))
 
 
-def _draw_background(draw, rng, w, h, base):
-  """A few large, faint shapes near the background colour (edges, but no strong objects)."""
+def _draw_background(draw, rng, w, h):
+  """Random rectangles, ellipses and lines of random colours: a background that varies so much
+  that attending to it does not pay (on a clean one, attention settles next to the garment)."""
   for _ in range(int(rng.integers(_CLUTTER[0], _CLUTTER[1] + 1))):
     kind = rng.integers(3)
     x0, y0 = rng.uniform(-0.2 * w, w), rng.uniform(-0.2 * h, h)
-    bw, bh = rng.uniform(0.1, 0.5) * w, rng.uniform(0.1, 0.5) * h
+    bw, bh = rng.uniform(0.05, 0.4) * w, rng.uniform(0.05, 0.4) * h
     box = [x0, y0, x0 + bw, y0 + bh]
-    colour = tuple(int(np.clip(c + rng.uniform(-_CLUTTER_CONTRAST, _CLUTTER_CONTRAST) * 255, 0,
-                               255)) for c in base)
+    colour = _hsv_to_rgb(rng.uniform(), rng.uniform(*_CLUTTER_SATURATION),
+                         rng.uniform(*_CLUTTER_VALUE))
     if kind == 0:
       draw.rectangle(box, fill=colour)
     elif kind == 1:
@@ -129,7 +133,7 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   background = _clutter_colour(rng)
   img = Image.new("RGB", (w * _SS, h * _SS), background)
   draw = ImageDraw.Draw(img)
-  _draw_background(draw, rng, w * _SS, h * _SS, background)
+  _draw_background(draw, rng, w * _SS, h * _SS)
 
   # Garment silhouette as a mask; pattern and shading are applied in numpy.
   def p(x, y):
