@@ -152,8 +152,8 @@ def build_model(model_config, num_attributes, with_local, dtype=None):
                      f"backbone to layer3; use 0 (the paper's 16) or one of "
                      f"{resnet.output_strides(3)}.")
   kwargs = {f: model_config[f] for f in MODEL_FIELDS if f != "global_output_stride"}
-  return ASENPP(global_output_stride=int(stride), num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
-                **kwargs)
+  return ASENPP(num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
+                global_output_stride=int(stride), **kwargs)
 
 
 def init_variables(model, rng, image_size=224, local_size=112):
