@@ -43,9 +43,12 @@ def convert_checkpoint(checkpoint_path, config, output_dir):
   if differ:
     raise ValueError(f"{checkpoint_path} does not match config.model: " + "; ".join(differ)
                      + "; override those config fields.")
+  # The official network runs its global backbone at the paper's stride, whatever the config
+  # asks (the keys cannot tell a stride), as evaluating the .pth file directly does.
+  model = dict(config.model.to_dict(), global_output_stride=info["model"]["global_output_stride"])
   meta = {"attributes": attributes, "num_values": num_values,
           "stage": "joint" if info["stage"] == 2 else "global",
-          "model": config.model.to_dict(), "source": os.path.abspath(checkpoint_path)}
+          "model": model, "source": os.path.abspath(checkpoint_path)}
   ckpt_lib.save_model_variables(os.path.abspath(output_dir), variables, meta)
   return variables, meta
 
