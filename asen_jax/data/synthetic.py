@@ -3,22 +3,22 @@
     python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
 
 Each image shows one garment (body, sleeves, a white bib with a neckline cut-out and three
-buttons) on a cluttered background (a random colour and 6-14 random shapes), JPEG-encoded.
-Five attributes, every image
-carries all of them:
+buttons) on a cluttered background (a random colour and 6-14 random shapes), JPEG-encoded. Five
+attributes, every image carries all of them:
   colour, length, pattern   large, visible at any resolution (box: the garment);
   neckline, button          small details on the bib (box: the neckline region / the button
                             column), each with a coarse cue that a ~96 px global view sees
-                            (crew vs scoop depth; small vs large buttons) and a fine cue that
+                            (crew vs scoop size; small vs large buttons) and a fine cue that
                             a zoomed crop resolves much better: a ribbed neckline (stripes of a
                             4 px period, averaged to the plain one's grey when the image is
                             shrunk to 96 px) and ring buttons (a hole, with the ink area of the
                             disc; a faint lighter centre at 96 px).
 The bib is white whatever the garment's colour, as plackets and collars often are, so the
-details look the same on every garment. The garment's scale varies by 1.3x and the background
-varies a lot, so neither the empty space around a garment nor a clean background is a shortcut:
-the cues sit on the garment, as in real photographs. Everything is a pure function of
-(seed, split, index): same seed, same bytes.
+details look the same on every garment. The garment's scale varies by 1.3x and the background a
+lot, as in real photographs, so that the garment's height and a clean background tell less. (On
+clean, fixed-scale images, length attention sat on the background around the garment; it still
+does on these: see the README's Results.) Everything is a pure function of (seed, split, index):
+same seed, same bytes.
 """
 import argparse
 import io
@@ -45,8 +45,8 @@ _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 _HUES = (0.0, 0.08, 0.155, 0.33, 0.61, 0.78)   # HSV hue of each colour value
 _LENGTHS = (0.8, 1.15, 1.5, 1.85)              # body height / shoulder width
-_SHOULDER = (0.34, 0.44)     # shoulder width / image side: enough scale change that neither the
-                             # garment's height nor the empty space around it tells its length
+_SHOULDER = (0.34, 0.44)     # shoulder width / image side: a 1.3x scale range, so the garment's
+                             # height alone overlaps between neighbouring lengths
 _STRIPE_PERIOD, _STRIPE_DUTY, _STRIPE_DARKEN = 0.3, 0.35, 0.8  # bold dark stripes: period /
                                                               # shoulder, dark share, darkening
 _CLUTTER = (6, 14)                             # background shapes: count range
@@ -78,8 +78,7 @@ def _clutter_colour(rng):
 
 
 def _draw_background(draw, rng, w, h):
-  """Random rectangles, ellipses and lines of random colours: a background that varies so much
-  that attending to it does not pay (on a clean one, attention settles next to the garment)."""
+  """Random rectangles, ellipses and lines of random colours: background nuisance, as in photos."""
   for _ in range(int(rng.integers(_CLUTTER[0], _CLUTTER[1] + 1))):
     kind = rng.integers(3)
     x0, y0 = rng.uniform(-0.2 * w, w), rng.uniform(-0.2 * h, h)
