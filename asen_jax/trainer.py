@@ -310,7 +310,8 @@ def train_and_evaluate(config, workdir, init_from=None):
         tick, tick_step = now, step
         writer.write(step, {**metrics, "triplets_per_s": rate, "epoch": step / per_epoch})
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", trip_s=f"{rate:.1f}")
-      if epoch_end and (step // per_epoch) % config.train.eval_every_epochs == 0:
+      # Also at the last step, so a run cut short by train.max_steps has a best checkpoint.
+      if step == last or (epoch_end and (step // per_epoch) % config.train.eval_every_epochs == 0):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
         results, _, _ = evaluation.evaluate_split(config, variables, embed_fn, mesh,
                                                   config.eval.split, info.attributes)

@@ -80,6 +80,12 @@ def test_resume_in_a_new_process_is_exact(data_root, tmp_path):
   b, _, step_b = ckpt_lib.load_model_variables(str(split), prefer="latest")
   assert step_a == step_b == 6 and meta_a["stage"] == "global"
   assert _max_rel_diff(b, a) <= 1e-6
+  # max_steps stopped both runs mid-epoch (1000 steps per epoch): each run is validated at its
+  # last step, so evaluation finds a best checkpoint (it did not, once).
+  with open(os.path.join(split, "metrics.jsonl")) as f:
+    assert [r["step"] for r in map(json.loads, f) if "val_map" in r] == [3, 6]
+  _, meta_best, step_best = ckpt_lib.load_model_variables(str(straight), prefer="best")
+  assert step_best == 6 and meta_best["map"] > 0
 
 
 def test_stage2_starts_from_stage1_and_uses_two_learning_rates(data_root, tmp_path):
