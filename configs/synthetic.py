@@ -44,7 +44,7 @@ def get_config(arg="global"):
   c.model.roi_threshold = 0.5
 
   c.train.batch_size = 32
-  c.train.triplets_per_epoch = 5600  # 175 steps per epoch
+  c.train.triplets_per_epoch = 6400  # 200 steps per epoch
   c.train.log_every = 10
   c.train.checkpoint_every = 200
   c.train.lr = 7e-4 if not joint else 1e-3   # joint: the local branch
@@ -53,7 +53,7 @@ def get_config(arg="global"):
   c.train.decay_every_epochs = 1
   c.train.loss_weights.local_triplet = 1.0
   # Stage 0 (asen_jax/pretrain.py), the demo's stand-in for ImageNet weights.
-  c.pretrain.steps = 200
+  c.pretrain.steps = 250
   c.pretrain.batch_size = 96
   c.pretrain.lr = 7e-4
   c.eval.batch_size = 64

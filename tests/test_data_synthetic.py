@@ -95,8 +95,8 @@ def test_layout_queries_candidates_and_boxes(tiny):
       for box in (neck, button):
         assert box[0] >= garment[0] - 1e-3 and box[2] <= garment[2] + 1e-3
         assert box[1] >= garment[1] - 1e-3 and box[3] <= garment[3] + 1e-3
-      # Details are small: under a fifth of the crop width (the bib's width, 0.42 shoulders).
-      assert (neck[2] - neck[0]) / s0 < 0.2 and (button[2] - button[0]) / s0 < 0.2
+      # Details are small: a few % of the crop width.
+      assert (neck[2] - neck[0]) / s0 < 0.2 and (button[2] - button[0]) / s0 < 0.1
       assert (garment[2] - garment[0]) / s0 > 0.5
 
 

@@ -2,22 +2,22 @@
 
     python -m asen_jax.data.synthetic --out data      # writes data/Synthetic/
 
-Each image shows one garment (body, sleeves, a white bib with a collar band, a neckline cut-out
-and two columns of buttons) on a cluttered, textured background (a random colour, 6-14 random
-shapes and a blotchy texture), JPEG-encoded. Five attributes, every image carries all of them:
+Each image shows one garment (body, sleeves, a white bib with a neckline cut-out and three
+buttons) on a cluttered background (a random colour and 6-14 random shapes), JPEG-encoded. Five
+attributes, every image carries all of them:
   colour, length, pattern   large, visible at any resolution (box: the garment);
   neckline, button          small details on the bib (box: the neckline region / the button
-                            columns), each with a coarse cue that a ~96 px global view sees
+                            column), each with a coarse cue that a ~96 px global view sees
                             (crew vs scoop size; small vs large buttons) and a fine cue that
                             a zoomed crop resolves much better: a ribbed neckline (stripes of a
                             4 px period, averaged to the plain one's grey when the image is
                             shrunk to 96 px) and ring buttons (a hole, with the ink area of the
-                            disc, under a pixel wide at 96 px).
+                            disc; a faint lighter centre at 96 px).
 The bib is white whatever the garment's colour, as plackets and collars often are, so the
 details look the same on every garment. The garment's scale varies by 1.3x and the background a
-lot, as in real photographs, so that the garment's height and a clean background tell less: on
-flat backgrounds the attention maps of length and neckline sat just outside the garment.
-Everything is a pure function of (seed, split, index):
+lot, as in real photographs, so that the garment's height and a clean background tell less. (On
+clean, fixed-scale images, length attention sat on the background around the garment; it still
+does on these: see the README's Results.) Everything is a pure function of (seed, split, index):
 same seed, same bytes.
 """
 import argparse
@@ -44,32 +44,20 @@ SPLITS = ("train", "valid", "test")
 _SPLIT_CODE = {"train": 0, "valid": 1, "test": 2}
 
 _HUES = (0.0, 0.08, 0.155, 0.33, 0.61, 0.78)   # HSV hue of each colour value
-_LENGTHS = (1.0, 1.3, 1.6, 1.9)                # body height / shoulder width
-_SHOULDER = (0.33, 0.43)     # shoulder width / image side: a 1.3x scale range, so the garment's
+_LENGTHS = (0.8, 1.15, 1.5, 1.85)              # body height / shoulder width
+_SHOULDER = (0.34, 0.44)     # shoulder width / image side: a 1.3x scale range, so the garment's
                              # height alone overlaps between neighbouring lengths
 _STRIPE_PERIOD, _STRIPE_DUTY, _STRIPE_DARKEN = 0.3, 0.35, 0.8  # bold dark stripes: period /
                                                               # shoulder, dark share, darkening
 _CLUTTER = (6, 14)                             # background shapes: count range
 _BG_SATURATION, _BG_VALUE = (0.0, 0.4), (0.4, 0.95)          # background colour
 _CLUTTER_SATURATION, _CLUTTER_VALUE = (0.0, 0.6), (0.25, 1.0)  # colour of each shape
-# Background texture: blotches of 4-9 output px (random per image), +-_TEXTURE grey levels of
-# brightness and a third of that per channel. On flat backgrounds every attention map but colour's
-# and pattern's settled just outside the garment (length below the hem, neckline above the
-# collar), where a flat patch carries the garment's outline most cleanly; on textured ones the
-# clean patches are on the garment.
-_TEXTURE = 30
-_TEXTURE_CELL = (4, 10)
 # Details: one coarse cue (size) that the global view sees, one fine cue (ribbing, ring hole)
 # that needs the zoomed crop. Sizes are fractions of the shoulder width, times detail_scale.
-# The neckline is cut below a white collar band, so that the garment's outline is the same for
-# crew and scoop and only the cut-out inside the neckline box tells them apart (when the cut-out
-# reached the shoulder line, the outline there was the cue that the models learned).
-_COLLAR = 0.05                                 # collar band above the cut-out
-_NECK_SIZES = ((0.2, 0.07), (0.38, 0.32))      # (width, depth): crew, scoop
+_NECK_SIZES = ((0.25, 0.09), (0.375, 0.275))   # (width, depth): crew, scoop
 _RIB_PERIOD = 4                                # ribbing: stripe period in output pixels
 _RIB_CONTRAST = 45                             # ribbing: +- grey levels around the plain fill
-_BUTTON_R, _BUTTON_LARGE, _RING_HOLE = 0.025, 2.0, 0.5    # disc radius, large x, hole / ring
-_BUTTON_COLUMNS = (-0.1, 0.1)                  # double-breasted: two columns of three
+_BUTTON_R, _BUTTON_LARGE, _RING_HOLE = 0.0375, 2.0, 0.5   # disc radius, large x, hole / ring
 # (width, height): shorter side 256 (so every image shrinks by the same factor to the global
 # view), varied aspect ratios so resize + centre crop matter.
 _CANVASES = ((256, 256), (256, 320), (320, 256), (256, 288), (288, 256), (256, 352), (352, 256))
@@ -176,37 +164,29 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   shade = shade * (1.0 - 0.15 * (yy - ty) / (body_h + 1.0))   # soft vertical lighting gradient
   cloth = base * shade[..., None]
   alpha = np.asarray(mask, np.float32)[gy0:gy1, gx0:gx1, None] / 255.0
-  arr = np.array(img).astype(np.float32)
-  cell = int(rng.integers(*_TEXTURE_CELL)) * _SS
-  gh, gw = arr.shape[0] // cell + 2, arr.shape[1] // cell + 2
-  blotches = (rng.uniform(-_TEXTURE, _TEXTURE, size=(gh, gw, 1))
-              + rng.uniform(-_TEXTURE / 3, _TEXTURE / 3, size=(gh, gw, 3)))
-  texture = Image.fromarray((blotches + 128).astype(np.uint8)).resize(
-      (gw * cell, gh * cell), Image.Resampling.BILINEAR)
-  arr = np.clip(arr + np.asarray(texture, np.float32)[:arr.shape[0], :arr.shape[1]] - 128, 0, 255)
-  region = arr[gy0:gy1, gx0:gx1]
-  arr[gy0:gy1, gx0:gx1] = np.clip(region * (1 - alpha) + cloth * alpha, 0, 255)
-  img = Image.fromarray(np.round(arr).astype(np.uint8))
+  arr = np.array(img)
+  region = arr[gy0:gy1, gx0:gx1].astype(np.float32)
+  arr[gy0:gy1, gx0:gx1] = np.clip(region * (1 - alpha) + cloth * alpha + 0.5, 0, 255)
+  img = Image.fromarray(arr)
   draw = ImageDraw.Draw(img)
 
-  # The bib: white on every garment, from the shoulder line down to the last buttons.
+  # The bib: white on every garment, from the shoulder line down to the last button.
   bib = tuple([int(rng.integers(228, 248))] * 3)
   bib_x = 0.21 * s
-  draw.rectangle([p(cx - bib_x, ty), p(cx + bib_x, ty + min(0.9 * s, body_h - 0.02 * s))],
+  draw.rectangle([p(cx - bib_x, ty), p(cx + bib_x, ty + min(0.68 * s, body_h - 0.02 * s))],
                  fill=bib)
 
-  # Neckline: a dark cut-out below the collar band, small (crew) or wide and deep (scoop);
-  # ribbed = vertical stripes of _RIB_PERIOD output pixels around the plain fill (same mean grey).
+  # Neckline: a dark cut-out at the top of the bib, shallow (crew) or deep (scoop); ribbed =
+  # vertical stripes of _RIB_PERIOD output pixels around the plain fill (same mean grey).
   deep, ribbed = divmod(neckline, 2)
   nw, nd = _NECK_SIZES[deep]
   nw, nd = nw * s * detail_scale, nd * s * detail_scale
   inner = int(rng.integers(55, 80))
-  top = ty + _COLLAR * s
-  x0, y0 = int((cx - 0.2 * s) * _SS), int(ty * _SS)
-  x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((top + 0.33 * s) * _SS) + 1
+  x0, y0 = int((cx - 0.2 * s) * _SS), int((ty - 0.1 * s) * _SS)
+  x1, y1 = int((cx + 0.2 * s) * _SS) + 1, int((ty + 0.3 * s) * _SS) + 1
   cut = Image.new("L", (x1 - x0, y1 - y0), 0)
-  ImageDraw.Draw(cut).pieslice([cx * _SS - x0 - nw * _SS / 2, top * _SS - y0 - nd * _SS,
-                                cx * _SS - x0 + nw * _SS / 2, top * _SS - y0 + nd * _SS],
+  ImageDraw.Draw(cut).pieslice([cx * _SS - x0 - nw * _SS / 2, ty * _SS - y0 - nd * _SS,
+                                cx * _SS - x0 + nw * _SS / 2, ty * _SS - y0 + nd * _SS],
                                0, 180, fill=255)
   fill = np.full((y1 - y0, x1 - x0), inner, np.float32)
   if ribbed:
@@ -216,14 +196,13 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   fill = Image.fromarray(np.clip(fill, 0, 255).astype(np.uint8)).convert("RGB")
   img.paste(fill, (x0, y0, x1, y1), cut)
 
-  # Two columns of three buttons of one kind, below the deepest neckline.
-  pk_y0, pk_y1 = ty + 0.38 * s, ty + min(0.88 * s, body_h - 0.05 * s)
-  r = _BUTTON_R * s * detail_scale   # small disc ~5 px wide at 256 px: a dot at 96 px
+  # Three buttons of one kind down the bib.
+  pk_y0, pk_y1 = ty + 0.17 * s, ty + min(0.62 * s, body_h - 0.05 * s)
+  r = _BUTTON_R * s * detail_scale   # small disc ~8 px wide at 256 px: a blob at 96 px
   button_fill = tuple(int(c) for c in rng.integers(10, 45, size=3))
   ys = np.linspace(pk_y0 + 0.08 * s, pk_y1 - 0.08 * s, 3)
-  for dx in _BUTTON_COLUMNS:
-    for by in ys:
-      _draw_button(draw, button, (cx + dx * s) * _SS, by * _SS, r * _SS, button_fill, bib)
+  for by in ys:
+    _draw_button(draw, button, cx * _SS, by * _SS, r * _SS, button_fill, bib)
 
   img = img.resize((w, h), Image.Resampling.BOX)
   arr = np.asarray(img, np.float32)
@@ -233,9 +212,8 @@ def render_garment(seed, split, index, labels, detail_scale=1.0):
   img.save(buf, format="JPEG", quality=int(rng.integers(80, 96)))
 
   garment = [cx - half_w, ty - neck_up, cx + half_w, ty + body_h]
-  # Detail boxes: the collar band and the deepest cut-out; the two button columns.
-  neck_box = [cx - 0.21 * s, ty - 0.02 * s, cx + 0.21 * s, ty + 0.4 * s]
-  button_box = [cx - 0.21 * s, ys[0] - 0.1 * s, cx + 0.21 * s, ys[-1] + 0.1 * s]
+  neck_box = [cx - 0.19 * s, ty - 0.04 * s, cx + 0.19 * s, ty + 0.28 * s]
+  button_box = [cx - 0.11 * s, ys[0] - 0.1 * s, cx + 0.11 * s, ys[-1] + 0.1 * s]
   # The pattern covers body and sleeves, so its region is the whole garment, like the colour's.
   boxes = [garment, garment, garment, neck_box, button_box]
   boxes = [[round(float(v), 2) for v in b] for b in boxes]
