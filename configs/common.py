@@ -87,7 +87,8 @@ def base_config(stage):
   c.train.log_every = 50
   c.train.checkpoint_every = 1000    # steps; plus at every epoch end
   c.train.max_steps = 0              # stop after this many steps (0: epochs * steps per epoch)
-  c.train.eval_every_epochs = 1      # validation MAP (and best checkpoint) every N epochs
+  c.train.eval_every_epochs = 1      # validation MAP (and best checkpoint) every N epochs and
+                                     # at the last step
   if stage == "global":
     c.train.epochs = 50
     c.train.lr = 1e-4
