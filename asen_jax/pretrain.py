@@ -164,6 +164,7 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
                        for r in batch])
     return images, labels[batch]
 
+  pipeline.configure_decode_cache(config.data.get("decode_cache_mb", 0))
   bar = tqdm(range(p.steps), desc=f"pretrain {arch}", disable=jax.process_index() != 0)
   upcoming = load(0)
   for step in bar:

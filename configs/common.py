@@ -61,6 +61,7 @@ def base_config(stage):
   c.data.image_size = 224            # global view: shorter side -> size, centre crop
   c.data.hires_size = 448            # same field of view, for the on-device RoI crop
   c.data.worker_count = 2            # grain worker processes
+  c.data.decode_cache_mb = 0         # decoded views kept in memory per process (threads only)
   c.data.skip_corrupt = False
 
   c.model = ml_collections.ConfigDict()

@@ -274,3 +274,29 @@ def test_eval_stream_shards_cover_all_lines(cfg):
   assert seen == [tuple(r) for r in lines.tolist()]
   with pytest.raises(ValueError, match="split in"):
     data_lib.make_eval_stream(cfg, "train", "query", batch_size=3)
+
+
+def test_decode_cache_gives_the_same_views_and_keeps_to_its_budget():
+  rng = np.random.default_rng(3)
+  images = [_png(rng.integers(0, 256, size=(40 + i, 50, 3), dtype=np.uint8)) for i in range(6)]
+  fresh = [pipeline.load_view(b, 16, 32) for b in images]   # no cache: decoded each time
+  cache = pipeline.configure_decode_cache(1)                 # 1 MB: holds all six (4.6 kB each)
+  try:
+    for _ in range(2):
+      for b, (view, hires) in zip(images, fresh):
+        v, h = pipeline.load_view(b, 16, 32)
+        np.testing.assert_array_equal(v, view)
+        np.testing.assert_array_equal(h, hires)
+        assert not v.flags.writeable
+    assert (cache.misses, cache.hits) == (6, 6)
+    # A budget of 0 MB empties it; a budget of a few views keeps the most recent ones only.
+    cache.configure(0)
+    assert cache.bytes == 0
+    cache.max_bytes = 2 * (16 * 16 + 32 * 32) * 3
+    for b in images:
+      pipeline.load_view(b, 16, 32)
+    assert cache.bytes == cache.max_bytes and len(cache._views) == 2
+    pipeline.load_view(images[-1], 16, 32)
+    assert cache.hits == 7
+  finally:
+    pipeline.configure_decode_cache(0)
