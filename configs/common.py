@@ -30,16 +30,18 @@ def parse_arg(arg):
 
 
 def apply_overrides(config, overrides):
+  """Sets each dotted key (`seed`, `train.lr`, ...) of `config`; only existing fields."""
   for key, value in overrides.items():
-    node, *path = key.split(".")
-    target = config
-    for name in [node] + path[:-1]:
+    *parents, leaf = key.split(".")
+    target, where = config, "the config"
+    for depth, name in enumerate(parents + [leaf]):
+      if not isinstance(target, ml_collections.ConfigDict):
+        raise ValueError(f"Config override {key!r}: {where} is a value, not a group of fields.")
       if name not in target:
-        raise ValueError(f"Config override {key!r}: no field {name!r}.")
-      target = target[name]
-    leaf = path[-1] if path else node
-    if leaf not in target:
-      raise ValueError(f"Config override {key!r}: no field {leaf!r}.")
+        raise ValueError(f"Config override {key!r}: {where} has no field {name!r}; its fields "
+                         f"are {', '.join(sorted(target.keys()))}.")
+      if depth < len(parents):
+        target, where = target[name], ".".join(parents[:depth + 1])
     target[leaf] = value
   return config
 
@@ -111,6 +113,7 @@ def base_config(stage):
   c.pretrain.steps = 1000
   c.pretrain.batch_size = 64         # images per step (all devices)
   c.pretrain.lr = 1e-3
+  c.pretrain.pooling = "mean"        # or 'mask', a learned foreground mask: asen_jax/pretrain.py
 
   c.eval = ml_collections.ConfigDict()
   c.eval.beta = 0.6
