@@ -5,8 +5,8 @@ Usage: --config configs/synthetic.py:global|joint[,key=value...].
 
 On 2 CPU cores, what learns in a few hundred steps is a light backbone on a small global view:
 ResNet-18 at 1/4 width, 96 px, started from a backbone pretrained by attribute classification
-(asen_jax/pretrain.py, the `pretrain` fields; the stand-in for ImageNet weights). Where this
-differs from the paper (configs/common.py), and why:
+with a learned foreground mask (asen_jax/pretrain.py, the `pretrain` fields; the stand-in for
+ImageNet weights). Where this differs from the paper (configs/common.py), and why:
   - global_output_stride 8: layer3 at stride 1, a 12 x 12 attention map instead of 6 x 6. A
     6 x 6 cell is wider than the neckline and button boxes, so its maximum could not sit on them.
   - roi_threshold 0.5: the 12 x 12 maps keep weak responses above 10% of their peak almost
@@ -59,5 +59,9 @@ def get_config(arg="global"):
   c.pretrain.steps = 250
   c.pretrain.batch_size = 96
   c.pretrain.lr = 7e-4
+  # A learned foreground mask instead of average pooling (asen_jax/pretrain.py): over seeds 0, 1,
+  # 2 the demo's attention maxima sat on their box 58 / 80 / 71 % of the time, against 46 / 49 %
+  # for average pooling at seeds 0, 1 (background cells no longer learn to describe the garment).
+  c.pretrain.pooling = "mask"
   c.eval.batch_size = 64
   return common.apply_overrides(c, overrides)

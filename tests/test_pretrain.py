@@ -39,6 +39,44 @@ def test_classification_loss_by_hand():
   np.testing.assert_array_equal(pretrain.label_matrix(rows, 3, 2), [[1, 0], [-1, -1], [0, -1]])
 
 
+def test_pooling_by_hand():
+  # 'mask': sigmoid(1x1 conv) weighs each cell; the heads see the weighted mean.
+  net = pretrain.AttributeClassifier("resnet18", 0.0625, (2,), pooling="mask")
+  variables = net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  params = dict(variables["params"])
+  params["saliency"] = {"kernel": jnp.array([1.0, -1.0]).reshape(1, 1, 2, 1),
+                        "bias": jnp.array([0.5])}
+  feats = jnp.array([[[[2.0, 0.0], [0.0, 2.0]],
+                      [[1.0, 1.0], [3.0, 0.0]]]])                   # (1, 2, 2, C=2)
+  pooled, weights = net.apply({**variables, "params": params}, feats,
+                              method=pretrain.AttributeClassifier.pool)
+  logit = np.array([[2.5, -1.5], [0.5, 3.5]])                        # f . (1, -1) + 0.5
+  m = 1.0 / (1.0 + np.exp(-logit))
+  f = np.asarray(feats[0])
+  want = (f * m[..., None]).sum(axis=(0, 1)) / (m.sum() + 1e-3)
+  np.testing.assert_allclose(np.asarray(weights[0]), m, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(pooled[0]), want, rtol=1e-6)
+  # A cell with weight ~0 does not move the pooled feature.
+  params["saliency"] = {"kernel": jnp.array([0.0, 100.0]).reshape(1, 1, 2, 1),
+                        "bias": jnp.array([-120.0])}                 # only cell (0, 1): C1 = 2
+  pooled, _ = net.apply({**variables, "params": params}, feats,
+                        method=pretrain.AttributeClassifier.pool)
+  np.testing.assert_allclose(np.asarray(pooled[0]), [0.0, 2.0 / 1.001], rtol=1e-6, atol=1e-7)
+  # 'mean': global average pooling, every cell weighted 1.
+  mean_net = pretrain.AttributeClassifier("resnet18", 0.0625, (2,), pooling="mean")
+  mv = mean_net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert "saliency" not in mv["params"]
+  pooled, weights = mean_net.apply(mv, feats, method=pretrain.AttributeClassifier.pool)
+  np.testing.assert_allclose(np.asarray(pooled[0]), [1.5, 0.75], rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(weights), np.ones((1, 2, 2)))
+
+
+def test_pretrain_rejects_unknown_pooling(data_root, tmp_path):
+  config = tiny_config(data_root, "global", PRETRAIN + ",pretrain.pooling='max'")
+  with pytest.raises(ValueError, match="pretrain.pooling is 'max'; use one of"):
+    pretrain.pretrain_backbone(config, str(tmp_path / "backbone.npz"))
+
+
 def test_torchvision_export_round_trips():
   net = resnet.make_backbone("resnet18", 3, 0.25)
   variables = net.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
@@ -81,6 +119,19 @@ def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(state_j.batch_stats["local"]["backbone"]),
                file_vars["batch_stats"])
+
+
+def test_mask_pooled_pretraining_writes_a_plain_backbone(data_root, tmp_path):
+  # The mask's 1x1 conv is pretraining's own, like the heads: the file holds the backbone only
+  # (load_backbone_file refuses extra keys).
+  config = tiny_config(data_root, "global", PRETRAIN + ",pretrain.pooling='mask'")
+  out = str(tmp_path / "backbone.npz")
+  accuracy = pretrain.pretrain_backbone(config, out, log=lambda s: None)
+  assert set(accuracy) == set(synthetic.ATTRIBUTES)
+  with np.load(out) as f:
+    assert not [k for k in f.files if "saliency" in k or "heads" in k]
+  file_vars = convert.load_backbone_file(out, "resnet18", 3, 0.0625)
+  assert file_vars["params"]["conv1"]["kernel"].shape == (7, 7, 3, 4)
 
 
 def test_pretrain_rejects_other_suffix(data_root, tmp_path):
