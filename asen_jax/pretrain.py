@@ -67,16 +67,14 @@ class AttributeClassifier(nn.Module):
     self.heads = nn.Dense(sum(self.num_values))
 
   def pool(self, feats_bhwc):
-    """(B, H, W, C) features -> ((B, C) pooled, (B, H, W) weight of each cell in [0, 1])."""
+    """(B, H, W, C) features -> (B, C)."""
     if self.pooling == "mean":
-      b, h, w, _ = feats_bhwc.shape
-      return feats_bhwc.mean(axis=(1, 2)), jnp.ones((b, h, w), feats_bhwc.dtype)
+      return feats_bhwc.mean(axis=(1, 2))
     mask = nn.sigmoid(self.saliency(feats_bhwc))                       # (B, H, W, 1)
-    pooled = (feats_bhwc * mask).sum(axis=(1, 2)) / (mask.sum(axis=(1, 2)) + 1e-3)
-    return pooled, mask[..., 0]
+    return (feats_bhwc * mask).sum(axis=(1, 2)) / (mask.sum(axis=(1, 2)) + 1e-3)
 
   def __call__(self, images_bhwc, train=False):
-    return self.heads(self.pool(self.backbone(images_bhwc, train))[0])
+    return self.heads(self.pool(self.backbone(images_bhwc, train)))
 
 
 def _value_table(num_values):

@@ -48,27 +48,25 @@ def test_pooling_by_hand():
                         "bias": jnp.array([0.5])}
   feats = jnp.array([[[[2.0, 0.0], [0.0, 2.0]],
                       [[1.0, 1.0], [3.0, 0.0]]]])                   # (1, 2, 2, C=2)
-  pooled, weights = net.apply({**variables, "params": params}, feats,
-                              method=pretrain.AttributeClassifier.pool)
+  pooled = net.apply({**variables, "params": params}, feats,
+                     method=pretrain.AttributeClassifier.pool)
   logit = np.array([[2.5, -1.5], [0.5, 3.5]])                        # f . (1, -1) + 0.5
   m = 1.0 / (1.0 + np.exp(-logit))
   f = np.asarray(feats[0])
   want = (f * m[..., None]).sum(axis=(0, 1)) / (m.sum() + 1e-3)
-  np.testing.assert_allclose(np.asarray(weights[0]), m, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(pooled[0]), want, rtol=1e-6)
   # A cell with weight ~0 does not move the pooled feature.
   params["saliency"] = {"kernel": jnp.array([0.0, 100.0]).reshape(1, 1, 2, 1),
                         "bias": jnp.array([-120.0])}                 # only cell (0, 1): C1 = 2
-  pooled, _ = net.apply({**variables, "params": params}, feats,
-                        method=pretrain.AttributeClassifier.pool)
+  pooled = net.apply({**variables, "params": params}, feats,
+                     method=pretrain.AttributeClassifier.pool)
   np.testing.assert_allclose(np.asarray(pooled[0]), [0.0, 2.0 / 1.001], rtol=1e-6, atol=1e-7)
   # 'mean': global average pooling, every cell weighted 1.
   mean_net = pretrain.AttributeClassifier("resnet18", 0.0625, (2,), pooling="mean")
   mv = mean_net.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   assert "saliency" not in mv["params"]
-  pooled, weights = mean_net.apply(mv, feats, method=pretrain.AttributeClassifier.pool)
+  pooled = mean_net.apply(mv, feats, method=pretrain.AttributeClassifier.pool)
   np.testing.assert_allclose(np.asarray(pooled[0]), [1.5, 0.75], rtol=1e-6)
-  np.testing.assert_array_equal(np.asarray(weights), np.ones((1, 2, 2)))
 
 
 def test_pretrain_rejects_unknown_pooling(data_root, tmp_path):
