@@ -90,6 +90,11 @@ def embed_stream(config, variables, embed_fn, mesh, split, which, desc=None):
   return Embedded(**{k: v[keep] for k, v in cat.items()})
 
 
+def attention_stride(config) -> int:
+  """Global-view pixels per cell of the global attention map (torchvision's layer3: 16)."""
+  return int(config.model.get("global_output_stride", 0) or 16)
+
+
 def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
   """MAP (and pointing accuracy when boxes are known) of one split; returns (results, q, c)."""
   queries = embed_stream(config, variables, embed_fn, mesh, split, "query")
@@ -101,12 +106,15 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
   results["map_random"] = float(retrieval.random_ranking_map(
       queries.attribute, queries.value, cands.attribute, cands.value, num_attributes))
   if (queries.gt_box >= 0).all(axis=1).any():
-    pointing = retrieval.pointing_accuracy(
-        np.concatenate([queries.attmap, cands.attmap]),
-        np.concatenate([queries.gt_box, cands.gt_box]),
-        np.concatenate([queries.attribute, cands.attribute]), num_attributes,
-        attribute_names=attribute_names)
-    results["pointing_accuracy"] = pointing
+    args = (np.concatenate([queries.attmap, cands.attmap]),
+            np.concatenate([queries.gt_box, cands.gt_box]),
+            np.concatenate([queries.attribute, cands.attribute]), num_attributes)
+    # Each cell at its receptive field's centre; and, for comparison, where the paper's way of
+    # drawing a map (bilinear, half-pixel centres) puts it (retrieval.cell_centres).
+    results["pointing_accuracy"] = retrieval.pointing_accuracy(
+        *args, attribute_names=attribute_names, stride=attention_stride(config))
+    results["pointing_accuracy_drawn"] = retrieval.pointing_accuracy(
+        *args, attribute_names=attribute_names)
   return results, queries, cands
 
 
@@ -215,7 +223,8 @@ def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3
           load(queries.image_id[q])[0], queries.attmap[q], queries.box[q] / frame,
           [load(cands.image_id[c])[0] for c in top], list(cands.value[top] == queries.value[q]),
           [float(s) for s in scores[order]],
-          f"{name} = {value_name}   (query {int(queries.image_id[q])}, {split})", gt_box=gt)
+          f"{name} = {value_name}   (query {int(queries.image_id[q])}, {split})", gt_box=gt,
+          stride=attention_stride(config))
       path = os.path.join(viz_dir, f"{name}_query{int(queries.image_id[q])}.png")
       viz.save_panel(panel, path)
       paths.append(path)
@@ -242,4 +251,5 @@ def attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
   _, attmap, _ = embed_fn(variables, *parallel.shard_batch(mesh, (images, hires, attrs)))
   attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
   attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
-  return viz.attention_grid([v[0] for v in views], attmap, list(info.attributes))
+  return viz.attention_grid([v[0] for v in views], attmap, list(info.attributes),
+                            stride=attention_stride(config))

@@ -300,19 +300,33 @@ def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attribute
 # --------------------------------------------------------------------------- #
 
 
-def pointing_hits(attmap_bhw, boxes_b4):
+def cell_centres(n: int, stride: float | None = None):
+  """Centres of the n cells along one axis of an attention map, in [0, 1] view coordinates.
+
+  stride=None: where a bilinear resize with half-pixel centres (PyTorch's align_corners=False,
+  the paper's way of drawing a map) puts cell i, (i + 0.5) / n.
+  stride=s: where cell i of a network with s view pixels per cell actually looks, the centre of
+  its receptive field. With symmetric padding at every strided layer (torchvision's ResNets, and
+  ours) that is view pixel s * i, so (i + 0.5 / s) / n: 3.5 view pixels up and left of the
+  drawing convention at s = 8, 7.5 at s = 16 (tests/test_resnet.py checks it on the backbones).
+  """
+  offset = 0.5 if stride is None else 0.5 / stride
+  return (jnp.arange(n, dtype=jnp.float32) + offset) / n
+
+
+def pointing_hits(attmap_bhw, boxes_b4, stride: float | None = None):
   """Jittable: (hit_b, has_box_b) -- does the argmax cell's centre fall inside the box?
 
-  The centre of cell (row, col) is ((col + 0.5) / W, (row + 0.5) / H) in [0, 1] view
-  coordinates; boxes are (x0, y0, x1, y1) in the same coordinates, edges inclusive.
-  Ties in the map go to the first cell in row-major order. A box of all -1 means "no box".
+  Cell centres are `cell_centres(., stride)` in [0, 1] view coordinates; boxes are (x0, y0, x1,
+  y1) in the same coordinates, edges inclusive. Ties in the map go to the first cell in
+  row-major order. A box of all -1 means "no box".
   """
   attmap_bhw = jnp.asarray(attmap_bhw)
   boxes_b4 = jnp.asarray(boxes_b4, jnp.float32)
   b, h, w = attmap_bhw.shape
   idx = jnp.argmax(attmap_bhw.reshape(b, h * w), axis=1)
-  x = (idx % w + 0.5) / w
-  y = (idx // w + 0.5) / h
+  x = cell_centres(w, stride)[idx % w]
+  y = cell_centres(h, stride)[idx // w]
   has_box = ~jnp.all(boxes_b4 == -1, axis=1)
   inside = ((x >= boxes_b4[:, 0]) & (x <= boxes_b4[:, 2]) &
             (y >= boxes_b4[:, 1]) & (y <= boxes_b4[:, 3]))
@@ -320,8 +334,12 @@ def pointing_hits(attmap_bhw, boxes_b4):
 
 
 def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, mask=None,
-                      attribute_names: Sequence[str] | None = None) -> dict[str, Any]:
+                      attribute_names: Sequence[str] | None = None,
+                      stride: float | None = None) -> dict[str, Any]:
   """Share (%) of (image, attribute) pairs whose attention maximum lies in the GT box.
+
+  `stride` (view pixels per map cell) places each cell at its receptive field's centre; None
+  at the drawing convention's (see `cell_centres`).
 
   Returns dict(pointing_overall=%, pointing_per_attribute={name: %}, num_pairs={name: int});
   rows with an all -1 box or mask False are ignored; NaN where there are no pairs.
@@ -345,7 +363,7 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
     i = int(np.flatnonzero(bad)[0])
     raise ValueError(f"boxes_b4 row {i} is {boxes[i].tolist()}; boxes must be (x0, y0, x1, y1) "
                      "in [0, 1] with x0 <= x1 and y0 <= y1, or all -1 for no box.")
-  hit, _ = pointing_hits(att, boxes.astype(np.float32))
+  hit, _ = pointing_hits(att, boxes.astype(np.float32), stride)
   hit = np.asarray(hit)
   per_attr, counts = {}, {}
   for a, name in enumerate(names):
@@ -358,5 +376,5 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
 
 __all__ = [
     "average_precision", "mean_average_precision", "expected_random_ap", "random_ranking_map",
-    "pointing_hits", "pointing_accuracy",
+    "cell_centres", "pointing_hits", "pointing_accuracy",
 ]

@@ -29,15 +29,19 @@ def jet_colormap(t) -> np.ndarray:
   return np.clip(1.5 - np.abs(4.0 * (t - centres)), 0.0, 1.0).astype(np.float32)
 
 
-def upsample_bilinear(map_hw, out_h: int, out_w: int) -> np.ndarray:
-  """Bilinear resize with half-pixel centres and edge clamping (PyTorch align_corners=False)."""
+def upsample_bilinear(map_hw, out_h: int, out_w: int, stride: float | None = None) -> np.ndarray:
+  """Bilinear resize with edge clamping. stride=None: half-pixel centres (PyTorch
+  align_corners=False); stride=s: each cell sits at its receptive field's centre, s network-view
+  pixels per cell (retrieval.cell_centres), whatever the output size."""
   m = np.asarray(map_hw, np.float32)
   if m.ndim != 2:
     raise ValueError(f"attention map must be 2-D [H, W], got shape {m.shape}.")
   h, w = m.shape
 
+  offset = 0.5 if stride is None else 0.5 / stride
+
   def axis(n_in, n_out):
-    src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - 0.5
+    src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - offset
     src = np.clip(src, 0.0, n_in - 1)
     lo = np.floor(src).astype(np.int64)
     hi = np.minimum(lo + 1, n_in - 1)
@@ -66,12 +70,14 @@ def _as_uint8_rgb(image, name: str) -> np.ndarray:
   return arr[..., :3]
 
 
-def heatmap_overlay(image_uint8_hwc, attmap_hw, alpha: float = 0.5) -> np.ndarray:
-  """Blend a jet heatmap of `attmap_hw` (bilinearly upsampled, min-max scaled) over the image."""
+def heatmap_overlay(image_uint8_hwc, attmap_hw, alpha: float = 0.5,
+                    stride: float | None = None) -> np.ndarray:
+  """Blend a jet heatmap of `attmap_hw` (bilinearly upsampled, min-max scaled) over the image;
+  `stride` as in `upsample_bilinear`."""
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"alpha must lie in [0, 1], got {alpha}.")
   img = _as_uint8_rgb(image_uint8_hwc, "image_uint8_hwc")
-  up = upsample_bilinear(attmap_hw, img.shape[0], img.shape[1])
+  up = upsample_bilinear(attmap_hw, img.shape[0], img.shape[1], stride)
   lo, hi = float(up.min()), float(up.max())
   # Normalise after upsampling so the hottest colour lands exactly on the map's peak.
   t = (up - lo) / (hi - lo) if hi > lo else np.zeros_like(up)
@@ -117,7 +123,7 @@ def tile_origin(col: int, tile: int, top: int = TITLE_H) -> tuple[int, int]:
 
 def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Sequence[bool],
                     scores: Sequence[float], title: str, gt_box=None, *, tile: int = 160,
-                    alpha: float = 0.5) -> Image.Image:
+                    alpha: float = 0.5, stride: float | None = None) -> Image.Image:
   """Query | heatmap with RoI box (yellow; GT cyan) | top-k with green/red frames and scores.
 
   Boxes are (x0, y0, x1, y1) in [0, 1] coordinates of `query_image`. The panel is
@@ -136,7 +142,7 @@ def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Se
 
   q_tile, placement = _fit(query, tile)
   panel.paste(q_tile, tile_origin(0, tile))
-  heat_tile, _ = _fit(heatmap_overlay(query, attmap, alpha), tile)
+  heat_tile, _ = _fit(heatmap_overlay(query, attmap, alpha, stride), tile)
   heat_xy = tile_origin(1, tile)
   panel.paste(heat_tile, heat_xy)
   _draw_box(draw, gt_box, placement, heat_xy, GT_BOX_COLOUR)
@@ -156,13 +162,15 @@ def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Se
 
 
 def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Sequence[str], *,
-                   tile: int = 128, alpha: float = 0.5) -> Image.Image:
+                   tile: int = 128, alpha: float = 0.5,
+                   stride: float | None = None) -> Image.Image:
   """Rows = images, columns = the image then one heatmap per attribute.
 
   Args:
     images: N uint8 images [H, W, 3] (sizes may differ).
     attmaps_per_attribute: [N, A, h, w] attention maps, one per image and attribute.
     attribute_names: A column titles.
+    stride: as in `upsample_bilinear`.
   """
   maps = np.asarray(attmaps_per_attribute, np.float32)
   n, a = len(images), len(attribute_names)
@@ -182,7 +190,7 @@ def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Seq
     y = HEADER_H + i * (tile + PAD)
     grid.paste(_fit(img, tile)[0], (tile_origin(0, tile)[0], y))
     for j in range(a):
-      cell, _ = _fit(heatmap_overlay(img, maps[i, j], alpha), tile)
+      cell, _ = _fit(heatmap_overlay(img, maps[i, j], alpha, stride), tile)
       grid.paste(cell, (tile_origin(j + 1, tile)[0], y))
   return grid
 

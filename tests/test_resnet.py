@@ -142,3 +142,23 @@ def test_bad_output_stride():
   with pytest.raises(ValueError, match=r"output_stride 32 is not possible for a ResNet with 3 "
                                        r"stages; use 0 \(torchvision's\) or one of \(4, 8, 16\)"):
     resnet.make_backbone("resnet18", output_stride=32)
+
+
+@pytest.mark.parametrize("arch,output_stride", [("resnet18", 8), ("resnet50", 0)])
+def test_receptive_field_of_cell_i_is_centred_on_view_pixel_stride_times_i(arch, output_stride):
+  # retrieval.cell_centres and viz.upsample_bilinear(stride=...) rest on this: with symmetric
+  # padding, cell i of the layer3 map sees input pixels centred on pixel stride * i (not on
+  # stride * i + (stride - 1) / 2, where a half-pixel upsampling of the map draws it).
+  size = 320
+  net = resnet.make_backbone(arch, 3, 0.25, output_stride=output_stride)
+  x = jax.random.normal(jax.random.key(1), (2, size, size, 3))
+  variables = net.init(jax.random.key(0), x[:1], False)
+  h = net.apply(variables, x[:1], False).shape[1]
+  stride = size // h
+  assert stride == (output_stride or 16)
+  for r, c in ((h // 2, h // 2), (h // 2 - 1, h // 2 + 1)):
+    grads = jax.vmap(jax.grad(lambda xi: net.apply(variables, xi[None], False)[0, r, c].sum()))(x)
+    support = np.abs(np.asarray(grads)).sum(axis=(0, 3)) > 0
+    rows, cols = np.flatnonzero(support.any(1)), np.flatnonzero(support.any(0))
+    assert rows[0] > 0 and rows[-1] < size - 1 and cols[0] > 0 and cols[-1] < size - 1  # whole RF
+    assert (rows[0] + rows[-1]) / 2 == stride * r and (cols[0] + cols[-1]) / 2 == stride * c

@@ -214,6 +214,22 @@ def test_pointing_accuracy_hand_case():
     retrieval.pointing_accuracy(att[:2], np.array([[0, 0, 1, 1], [0.5, 0, 0.2, 1]]), [0, 0], 3)
 
 
+def test_pointing_at_receptive_field_centres():
+  # A 4 x 4 map of a 32 px view, stride 8: cell (1, 2) looks at view pixel (8, 16), centre
+  # (16.5, 8.5) / 32 = (0.515625, 0.265625); the drawing convention puts it at (0.625, 0.375).
+  np.testing.assert_allclose(retrieval.cell_centres(4, 8), [0.015625, 0.265625, 0.515625,
+                                                             0.765625])
+  np.testing.assert_allclose(retrieval.cell_centres(4), [0.125, 0.375, 0.625, 0.875])
+  att = np.zeros((2, 4, 4), np.float32)
+  att[:, 1, 2] = 1.0
+  boxes = np.array([[0.5, 0.25, 0.53, 0.28],     # a narrow box on the receptive field's centre
+                    [0.6, 0.35, 0.65, 0.4]], np.float32)   # one on the drawn centre
+  at_rf = retrieval.pointing_accuracy(att, boxes, [0, 1], 2, stride=8)["pointing_per_attribute"]
+  drawn = retrieval.pointing_accuracy(att, boxes, [0, 1], 2)["pointing_per_attribute"]
+  assert list(at_rf.values()) == [100.0, 0.0]
+  assert list(drawn.values()) == [0.0, 100.0]
+
+
 def test_embeddings_sharded_over_a_mesh():
   import jax
   from jax.sharding import NamedSharding, PartitionSpec as P

@@ -19,6 +19,19 @@ def test_upsample_matches_torch_bilinear():
   np.testing.assert_allclose(viz.upsample_bilinear(m, 33, 20), ref, atol=1e-5)
 
 
+def test_upsample_with_stride_puts_each_cell_on_its_receptive_field_centre():
+  m = np.zeros((14, 14), np.float32)
+  m[3, 10] = 1.0
+  up = viz.upsample_bilinear(m, 224, 224, stride=16)
+  assert np.unravel_index(np.argmax(up), up.shape) == (48, 160) and up[48, 160] == 1.0
+  # Drawn at twice the view's size, the peak is on the same point of the image (pixel 96.5).
+  up2 = viz.upsample_bilinear(m, 448, 448, stride=16)
+  assert up2[96, 320] == up2[97, 321] == pytest.approx(up2.max())
+  # The half-pixel convention (stride None) draws the same cell 7.5 view pixels lower-right.
+  drawn = viz.upsample_bilinear(m, 224, 224)
+  assert drawn[55:57, 167:169].min() == pytest.approx(drawn.max())
+
+
 def test_heatmap_overlay_hottest_colour_at_peak():
   img = np.zeros((224, 224, 3), np.uint8)
   att = np.zeros((14, 14), np.float32)
