@@ -33,7 +33,7 @@ def main(argv):
   print()
   print("Test-split MAP (%) on the synthetic garments. global: the stage-1 model; ASEN++: the "
         "joint model (beta-fused global + local);\nASEN++ global branch: the joint model without "
-        "its local branch; pointing: share of attention maxima inside the attribute's box.")
+        "its local branch.")
   print(demo.format_demo_table(results))
   pictures = os.path.join(_WORKDIR.value, "pictures")
   print(f"\nPictures: {pictures}/attention_grid.png and one retrieval panel per query in "
