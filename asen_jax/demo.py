@@ -101,7 +101,8 @@ def format_demo_table(results):
                  f"{pa:>12.1f}{pd:>9.1f}")
   lines += ["pointing: the ASEN++ attention maximum, at its cell's receptive-field centre, lies in",
             "the attribute's box; drawn: the same with the cell where a half-pixel bilinear",
-            "upsampling draws it (the paper's pictures), 3.5 px lower-right at 96 px."]
+            "upsampling draws it (the paper's pictures): half a cell less half a pixel",
+            "lower-right."]
   return "\n".join(lines)
 
 

@@ -310,8 +310,13 @@ def cell_centres(n: int, stride: float | None = None):
   ours) that is view pixel s * i, so (i + 0.5 / s) / n: 3.5 view pixels up and left of the
   drawing convention at s = 8, 7.5 at s = 16 (tests/test_resnet.py checks it on the backbones).
   """
-  offset = 0.5 if stride is None else 0.5 / stride
-  return (jnp.arange(n, dtype=jnp.float32) + offset) / n
+  return (jnp.arange(n, dtype=jnp.float32) + cell_offset(stride)) / n
+
+
+def cell_offset(stride: float | None = None) -> float:
+  """Where a cell's centre sits inside it, in cells: 0.5 drawn, 0.5 / stride at its receptive
+  field's centre (see `cell_centres`; viz.upsample_bilinear places maps with the same rule)."""
+  return 0.5 if stride is None else 0.5 / stride
 
 
 def pointing_hits(attmap_bhw, boxes_b4, stride: float | None = None):
@@ -376,5 +381,5 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
 
 __all__ = [
     "average_precision", "mean_average_precision", "expected_random_ap", "random_ranking_map",
-    "cell_centres", "pointing_hits", "pointing_accuracy",
+    "cell_centres", "cell_offset", "pointing_hits", "pointing_accuracy",
 ]

@@ -8,6 +8,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from asen_jax import retrieval
+
 RELEVANT_COLOUR = (0, 200, 0)
 IRRELEVANT_COLOUR = (220, 0, 0)
 BOX_COLOUR = (255, 255, 0)      # predicted RoI
@@ -38,7 +40,7 @@ def upsample_bilinear(map_hw, out_h: int, out_w: int, stride: float | None = Non
     raise ValueError(f"attention map must be 2-D [H, W], got shape {m.shape}.")
   h, w = m.shape
 
-  offset = 0.5 if stride is None else 0.5 / stride
+  offset = retrieval.cell_offset(stride)
 
   def axis(n_in, n_out):
     src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - offset
