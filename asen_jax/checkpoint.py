@@ -80,6 +80,12 @@ class RunCheckpoints:
   def latest_step(self):
     return self.latest.latest_step()
 
+  def latest_meta(self):
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def best_meta(self):
     step = self.best.latest_step()
     if step is None:

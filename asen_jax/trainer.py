@@ -229,6 +229,26 @@ def _meta(config, info, step, **extra):
           "dataset": config.data.name, **extra}
 
 
+def check_resumable(workdir, meta, config, info):
+  """Raises one clear ValueError if the run saved in `workdir` (its latest checkpoint's `meta`)
+  is not the one `config` describes: another stage, dataset or model shape."""
+  if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
+    raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
+                     "use a new --workdir for a different stage or dataset.")
+  # Fields missing from older checkpoints mean what build_model reads them as.
+  defaults = {"global_output_stride": 0}
+  saved = meta.get("model", {})
+  changed = [(f, saved.get(f, defaults.get(f)), config.model.get(f, defaults.get(f)))
+             for f in model_lib.MODEL_FIELDS if f in saved or f in defaults]
+  changed = [(f, old, new) for f, old, new in changed if old != new]
+  if changed:
+    was = ", ".join(f"model.{f}={old!r}" for f, old, _ in changed)
+    now = ", ".join(f"{new!r}" for _, _, new in changed)
+    raise ValueError(f"Workdir {workdir} holds a run with {was}, but the config has {now}; use a "
+                     f"new --workdir (or delete this one), or add {was.replace(' ', '')} to the "
+                     "config to continue it.")
+
+
 def train_and_evaluate(config, workdir, init_from=None):
   """Runs (or resumes) one training stage; returns the final TrainState on the host."""
   os.makedirs(workdir, exist_ok=True)
@@ -240,11 +260,12 @@ def train_and_evaluate(config, workdir, init_from=None):
   if config.stage == "joint" and not init_from:
     logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
                     "paper initialises it from the last stage-1 checkpoint.")
+  ckpts = ckpt_lib.RunCheckpoints(workdir)
+  if ckpts.latest_step() is not None:
+    check_resumable(workdir, ckpts.latest_meta(), config, info)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-
-  ckpts = ckpt_lib.RunCheckpoints(workdir)
   loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
                                       shard_count=jax.process_count())
   data_iter = iter(loader)
@@ -258,9 +279,6 @@ def train_and_evaluate(config, workdir, init_from=None):
     variables, opt, data_iter, meta = ckpts.restore_latest(
         {"params": abstract.params, "batch_stats": abstract.batch_stats},
         {"step": abstract.step, "opt_state": abstract.opt_state}, data_iter)
-    if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
-      raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
-                       "use a new --workdir for a different stage or dataset.")
     state = TrainState(step=opt["step"], params=variables["params"],
                        batch_stats=variables["batch_stats"], opt_state=opt["opt_state"])
     best_map = float(meta.get("best_map", -1.0))

@@ -143,3 +143,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_pat
   variables, _, step = ckpt_lib.load_model_variables(workdir, prefer="latest")
   assert step == 2
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
+
+
+def test_resume_with_another_model_shape_is_one_sentence(data_root, tmp_path):
+  workdir = str(tmp_path / "w")
+  trainer.train_and_evaluate(tiny_config(data_root, "global", "train.max_steps=1"), workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = f.read()
+  wider = tiny_config(data_root, "global", "train.max_steps=2,model.global_common_dim=24")
+  with pytest.raises(ValueError, match=r"holds a run with model.global_common_dim=16, but the "
+                     r"config has 24; use a new --workdir .* add model.global_common_dim=16"):
+    trainer.train_and_evaluate(wider, workdir)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert f.read() == saved   # the run's own config is kept
+  # With the saved shape it continues.
+  trainer.train_and_evaluate(
+      tiny_config(data_root, "global", "train.max_steps=2,model.global_common_dim=16"), workdir)
+  assert ckpt_lib.load_model_variables(workdir, prefer="latest")[2] == 2
