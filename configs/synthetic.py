@@ -67,7 +67,8 @@ def get_config(arg="global"):
   c.pretrain.lr = 7e-4
   # A learned foreground mask instead of average pooling (asen_jax/pretrain.py): over seeds 0, 1,
   # 2 the demo's attention maxima sat on their box 68 / 81 / 76 % of the time, against 46 / 46 %
-  # for average pooling at seeds 0, 1 (background cells no longer learn to describe the garment).
+  # for average pooling at seeds 0, 1 (ASA width 64; background cells no longer learn to describe
+  # the garment).
   c.pretrain.pooling = "mask"
   c.eval.batch_size = 64
   return common.apply_overrides(c, overrides)
