@@ -41,12 +41,7 @@ def get_config(arg="global"):
   c.model.local_backbone = "resnet18"
   c.model.width = 0.25              # ResNet channels / 4
   c.model.attr_dim = 64
-  # The global ASA's projection width D (the paper's is 512). Its logits are a mean of D tanh
-  # products times sqrt(D), so a wider ASA can draw sharper maps. With 64 (the width the rest is
-  # scaled to) the demo's attention maxima sat on their boxes 67.6 / 80.7 % of the time at seeds
-  # 0 / 1; with 256, 80.2 / 79.8 % (stage 1 alone: 64.9 / 80.0 against 81.6 / 82.5; 512 at
-  # seed 0: 76.2), and ASEN++ MAP rose from 80.20 / 86.07 to 84.55 / 87.08.
-  c.model.global_common_dim = 256
+  c.model.global_common_dim = 64
   c.model.local_common_dim = 32
   c.model.embed_dim = 128
   c.model.global_output_stride = 8  # a 12 x 12 global attention map at 96 px
