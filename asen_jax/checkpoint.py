@@ -80,17 +80,18 @@ class RunCheckpoints:
   def latest_step(self):
     return self.latest.latest_step()
 
-  def latest_meta(self):
-    step = self.latest.latest_step()
+  @staticmethod
+  def _newest_meta(manager):
+    step = manager.latest_step()
     if step is None:
       return None
-    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def latest_meta(self):
+    return self._newest_meta(self.latest)
 
   def best_meta(self):
-    step = self.best.latest_step()
-    if step is None:
-      return None
-    return self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._newest_meta(self.best)
 
   def save_latest(self, step, variables, opt, data_iterator, meta):
     self.latest.save(step, args=ocp.args.Composite(

@@ -125,6 +125,8 @@ class ASENPP(nn.Module):
 
 MODEL_FIELDS = ("global_backbone", "local_backbone", "width", "attr_dim", "global_common_dim",
                 "local_common_dim", "reduction", "embed_dim", "global_output_stride")
+# What a field missing from an older config or checkpoint means.
+MODEL_FIELD_DEFAULTS = {"global_output_stride": 0}   # the paper's stride
 
 
 def build_model(model_config, num_attributes, with_local, dtype=None):
@@ -146,7 +148,7 @@ def build_model(model_config, num_attributes, with_local, dtype=None):
     raise ValueError(f"config.model.compute_dtype = {dtype!r} is not a dtype; "
                      "use 'float32' or 'bfloat16'.") from None
   # Configs and checkpoints from before the field existed mean the paper's stride.
-  stride = model_config.get("global_output_stride", 0)
+  stride = model_config.get("global_output_stride", MODEL_FIELD_DEFAULTS["global_output_stride"])
   if stride and stride not in resnet.output_strides(3):
     raise ValueError(f"config.model.global_output_stride = {stride!r} is not possible for a "
                      f"backbone to layer3; use 0 (the paper's 16) or one of "

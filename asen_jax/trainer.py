@@ -235,8 +235,7 @@ def check_resumable(workdir, meta, config, info):
   if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
     raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
                      "use a new --workdir for a different stage or dataset.")
-  # Fields missing from older checkpoints mean what build_model reads them as.
-  defaults = {"global_output_stride": 0}
+  defaults = model_lib.MODEL_FIELD_DEFAULTS
   saved = meta.get("model", {})
   changed = [(f, saved.get(f, defaults.get(f)), config.model.get(f, defaults.get(f)))
              for f in model_lib.MODEL_FIELDS if f in saved or f in defaults]
