@@ -151,6 +151,16 @@ def load_for_eval(config, path, attributes):
   return model, variables, joint, meta
 
 
+def global_branch_map(queries, cands, embed_dim, attribute_names):
+  """MAP of a joint model without its local branch, from the same pass: the fused embedding's
+  first `embed_dim` entries are sqrt(beta) l2n(global), which rank as the global branch alone."""
+  res = retrieval.mean_average_precision(
+      queries.emb[:, :embed_dim], queries.attribute, queries.value, cands.emb[:, :embed_dim],
+      cands.attribute, cands.value, num_attributes=len(attribute_names),
+      attribute_names=attribute_names)
+  return {k: res[k] for k in ("map_overall", "map_per_attribute")}
+
+
 def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   """Embeds a split with a checkpoint, returns the results dict (MAP in %)."""
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
@@ -163,6 +173,9 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
                                            info.attributes)
   results.update(split=split, stage="joint" if joint else "global", checkpoint=checkpoint_path,
                  beta=config.eval.beta if joint else None)
+  if joint and config.eval.beta > 0:   # beta = 0 leaves no global block to rank by
+    results["global_branch"] = global_branch_map(queries, cands, model.embed_dim,
+                                                 info.attributes)
   if viz_dir and jax.process_index() == 0:
     results["pictures"] = write_pictures(config, split, queries, cands, info, viz_dir,
                                          viz_queries, variables=variables, embed_fn=embed_fn,
@@ -186,6 +199,9 @@ def format_table(results):
   if pointing:
     row += f"{pointing['pointing_overall']:>12.2f}"
   lines.append(row)
+  if "global_branch" in results:
+    lines.append(f"{'without local branch':<24}{'':>9}"
+                 f"{results['global_branch']['map_overall']:>9.2f}")
   lines.append(f"{'random ranking':<24}{'':>9}{results['map_random']:>9.2f}")
   return "\n".join(lines)
 

@@ -84,7 +84,7 @@ def test_stage1_official_checkpoint_map_equals_pytorch_reference(setup):
 
 
 def test_official_and_converted_checkpoints_give_the_same_map(setup, tmp_path):
-  root, config, _, joint_path, _ = setup
+  root, config, _, joint_path, global_path = setup
   from_pth = evaluation.run_evaluation(config, joint_path, "test")
   assert from_pth["stage"] == "joint"
   converted = str(tmp_path / "converted")
@@ -100,12 +100,24 @@ def test_official_and_converted_checkpoints_give_the_same_map(setup, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "overall" in run.stdout and "random ranking" in run.stdout
+  assert "without local branch" in run.stdout
   with open(output) as f:
     from_orbax = json.load(f)
   assert from_orbax["map_overall"] == pytest.approx(from_pth["map_overall"], abs=1e-6)
   for name, value in from_pth["map_per_attribute"].items():
     assert from_orbax["map_per_attribute"][name] == pytest.approx(value, abs=1e-6)
   assert from_orbax["num_queries"] == from_pth["num_queries"]
+  # Without its local branch, the joint model is the stage-1 checkpoint (the same state dict
+  # minus '.local.'), whose MAP matches the PyTorch reference (the test above).
+  alone = evaluation.run_evaluation(make_config(root, "global"), global_path, "test")
+  assert "global_branch" not in alone
+  assert from_pth["global_branch"]["map_overall"] == pytest.approx(alone["map_overall"], abs=1e-3)
+  for name, value in alone["map_per_attribute"].items():
+    assert from_pth["global_branch"]["map_per_attribute"][name] == pytest.approx(value, abs=1e-3)
+  assert from_orbax["global_branch"]["map_overall"] == pytest.approx(
+      from_pth["global_branch"]["map_overall"], abs=1e-6)
+  assert from_pth["global_branch"]["map_overall"] != pytest.approx(from_pth["map_overall"],
+                                                                   abs=1e-3)
   assert set(from_orbax["pointing_accuracy"]["pointing_per_attribute"]) == set(
       from_orbax["map_per_attribute"])
   pictures = sorted(os.listdir(viz_dir))
