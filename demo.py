@@ -1,8 +1,10 @@
 """The whole ASEN++ job on the built-in synthetic garments, end to end, on a CPU.
 
-  python demo.py [--workdir runs/demo] [--data_root data]
+  python demo.py [--workdir runs/demo] [--data_root data] [--pretrain]
 
-Generates <data_root>/Synthetic (unless it exists), builds the tfds dataset, trains stage 1
+Generates <data_root>/Synthetic (unless it exists), builds the tfds dataset, takes the stand-in
+for ImageNet weights (assets/synthetic_backbone.npz when its record matches the config and the
+data, else -- or with --pretrain -- pretrains one by attribute classification), trains stage 1
 (global branch) into <workdir>/global and stage 2 (joint, from stage 1) into <workdir>/joint,
 evaluates both on the test split, writes pictures of the joint model into <workdir>/pictures and
 the numbers into <workdir>/results.json, and prints one table. Running it again reuses finished
@@ -16,6 +18,8 @@ from absl import logging
 
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder of the two stages.")
 _DATA_ROOT = flags.DEFINE_string("data_root", "data", "Folder that holds (or gets) Synthetic/.")
+_PRETRAIN = flags.DEFINE_bool("pretrain", False, "Pretrain the backbone (2-3 minutes) even where "
+                               "the shipped one (assets/synthetic_backbone.npz) fits.")
 _OVERRIDES = flags.DEFINE_string("overrides", "", "Extra config overrides for both stages, "
                                  "e.g. 'train.max_steps=50' for a quick look.")
 
@@ -27,7 +31,8 @@ def main(argv):
   logging.set_verbosity(logging.ERROR)
   from asen_jax import demo  # pylint: disable=g-import-not-at-top
   try:
-    results = demo.run_demo(_WORKDIR.value, _DATA_ROOT.value, overrides=_OVERRIDES.value)
+    results = demo.run_demo(_WORKDIR.value, _DATA_ROOT.value, overrides=_OVERRIDES.value,
+                            force_pretrain=_PRETRAIN.value)
   except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     raise SystemExit(f"demo.py: {e}") from None
   print()

@@ -1,22 +1,20 @@
 """The end-to-end demo on the built-in synthetic garments (used by the repo-root demo.py).
 
-generate data -> build the tfds dataset -> pretrain a backbone by attribute classification (the
-stand-in for ImageNet weights, which cannot be downloaded here) -> train stage 1 (global) ->
-train stage 2 (joint, initialised from stage 1) -> evaluate both on test -> pictures -> one
-results table.
+generate data -> build the tfds dataset -> the backbone (the stand-in for ImageNet weights,
+which cannot be downloaded here: the one shipped in assets/, or pretrained by attribute
+classification) -> train stage 1 (global) -> train stage 2 (joint, initialised from stage 1) ->
+evaluate both on test -> pictures -> one results table.
 Every step reuses what a previous run left: existing data, a built dataset, finished stages.
 """
 import json
 import os
+import shutil
 import time
 
 import numpy as np
 
-from asen_jax import checkpoint as ckpt_lib
 from asen_jax import data as data_lib
 from asen_jax import evaluation
-from asen_jax import model as model_lib
-from asen_jax import parallel
 from asen_jax import pretrain
 from asen_jax import retrieval
 from asen_jax import trainer
@@ -49,6 +47,40 @@ def ensure_data(data_root, workers=2):
   return synthetic.generate(data_root, workers=workers, verbose=True)
 
 
+# The demo's stand-in for ImageNet weights, made by `python demo.py --pretrain` (2-3 minutes on 2
+# CPU cores) and shipped as ImageNet weights would be downloaded; its .json record says from what.
+SHIPPED_BACKBONE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "assets", "synthetic_backbone.npz")
+
+
+def ensure_backbone(config, backbone_file, shipped=SHIPPED_BACKBONE, force_pretrain=False):
+  """Puts the stand-in for ImageNet weights at `backbone_file`; returns where it came from:
+  'workdir' (a previous run's), 'shipped' (a copy of `shipped`, when its record matches the
+  config and the data) or 'pretrained' (trained now)."""
+  if os.path.isfile(backbone_file):
+    if os.path.isfile(pretrain.record_path(backbone_file)):
+      why = pretrain.why_not_reusable(backbone_file, config)
+      if why:
+        raise ValueError(f"The backbone {backbone_file} does not fit this run: {why}; delete it "
+                         "(or use another --workdir) and run the demo again.")
+    print(f"Using the pretrained backbone {backbone_file}.")
+    return "workdir"
+  if not force_pretrain:
+    why = pretrain.why_not_reusable(shipped, config)
+    if why is None:
+      os.makedirs(os.path.dirname(os.path.abspath(backbone_file)), exist_ok=True)
+      shutil.copyfile(pretrain.record_path(shipped), pretrain.record_path(backbone_file))
+      shutil.copyfile(shipped, backbone_file)
+      print(f"Using the shipped pretrained backbone {shipped} (the stand-in for ImageNet "
+            "weights; `python demo.py --pretrain` makes it again).")
+      return "shipped"
+    print(f"Not using the shipped backbone: {why}.")
+  print(f"Stage 0 (backbone pretraining by attribute classification, the stand-in for ImageNet "
+        f"weights) -> {backbone_file}", flush=True)
+  pretrain.pretrain_backbone(config, backbone_file)
+  return "pretrained"
+
+
 def random_map_per_attribute(config, split):
   """{attribute: MAP %} of a random ranking (exact expectation) on a split."""
   info = data_lib.dataset_info(config)
@@ -57,19 +89,6 @@ def random_map_per_attribute(config, split):
   res = retrieval.random_ranking_map(q[:, 1], q[:, 2], c[:, 1], c[:, 2], len(info.attributes),
                                      attribute_names=info.attributes, per_attribute=True)
   return res
-
-
-def evaluate_global_branch(config, joint_dir, split):
-  """MAP of a joint checkpoint's global branch alone: what the local branch adds, measured."""
-  info = data_lib.dataset_info(config)
-  variables, _, _ = ckpt_lib.load_model_variables(joint_dir, prefer="best")
-  variables = {k: {n: v for n, v in tree.items() if n != "local"} for k, tree in variables.items()}
-  model = model_lib.build_model(config.model, len(info.attributes), with_local=False)
-  mesh = parallel.make_mesh()
-  embed_fn = evaluation.make_embed_fn(config, model, False, mesh)
-  results, _, _ = evaluation.evaluate_split(config, parallel.replicate(mesh, variables), embed_fn,
-                                            mesh, split, info.attributes)
-  return results
 
 
 def format_demo_table(results):
@@ -116,7 +135,8 @@ def _jsonable(x):
   return x
 
 
-def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2):
+def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2, force_pretrain=False,
+             shipped_backbone=SHIPPED_BACKBONE):
   """Runs every step of the demo; returns the results dict (also written to results.json)."""
   t_start = time.time()
   ensure_data(data_root)
@@ -126,13 +146,8 @@ def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2):
   data_lib.prepare_dataset(config_g)
   timings = {}
   t0 = time.time()
-  if os.path.isfile(backbone_file):
-    print(f"Using the pretrained backbone {backbone_file}.")
-  else:
-    print(f"Stage 0 (backbone pretraining by attribute classification, the stand-in for "
-          f"ImageNet weights) -> {backbone_file}", flush=True)
-    pretrain.pretrain_backbone(config_g, backbone_file)
-  timings["pretrain_s"] = time.time() - t0
+  backbone_source = ensure_backbone(config_g, backbone_file, shipped_backbone, force_pretrain)
+  timings["backbone_s"] = time.time() - t0
   global_dir, joint_dir = os.path.join(workdir, "global"), os.path.join(workdir, "joint")
   pictures = os.path.join(workdir, "pictures")
 
@@ -150,11 +165,11 @@ def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2):
   res_g = evaluation.run_evaluation(config_g, global_dir, split)
   res_j = evaluation.run_evaluation(config_j, joint_dir, split, viz_dir=pictures,
                                     viz_queries=viz_queries)
-  res_jg = evaluate_global_branch(config_g, joint_dir, split)
   timings["evaluate_s"] = time.time() - t0
   timings["total_s"] = time.time() - t_start
-  results = {"split": split, "random": random_map_per_attribute(config_g, split),
-             "global": res_g, "joint": res_j, "joint_global_branch": res_jg, "timings": timings}
+  results = {"split": split, "backbone": backbone_source,
+             "random": random_map_per_attribute(config_g, split), "global": res_g, "joint": res_j,
+             "joint_global_branch": res_j["global_branch"], "timings": timings}
   results = _jsonable(results)
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

@@ -26,6 +26,8 @@ Pooling (`config.pretrain.pooling`):
 Only the labels that ASEN++ trains on are used (the train split), and only for the backbone:
 the attention, embedding heads and the attribute table still come from the two ASEN++ stages.
 """
+import hashlib
+import json
 import os
 
 import flax.linen as nn
@@ -131,11 +133,72 @@ def _images_for_step(records, seed, step, batch_size):
   return records[rng.integers(0, len(records), batch_size)]
 
 
+def pretrain_settings(config, arch=None):
+  """Everything besides the data that the weights `pretrain_backbone` writes depend on."""
+  p = config.pretrain
+  return {"arch": arch or config.model.global_backbone, "width": float(config.model.width),
+          "output_stride": int(config.model.get("global_output_stride", 0) or 0),
+          "image_size": int(config.data.image_size), "steps": int(p.steps),
+          "batch_size": int(p.batch_size), "lr": float(p.lr),
+          "pooling": p.get("pooling", "mean"), "seed": int(config.seed)}
+
+
+def data_fingerprint(config):
+  """sha256 of the training split in <data.root>/<data.folder>: its file list, its labels and
+  every image's bytes (what pretraining learns from; a second or two for the synthetic set)."""
+  folder = os.path.join(config.data.root, config.data.folder)
+  digest = hashlib.sha256()
+  for name in ("filenames_train.txt", "label_train.txt"):
+    with open(os.path.join(folder, name), "rb") as f:
+      digest.update(f.read())
+  with open(os.path.join(folder, "filenames_train.txt")) as f:
+    for line in f:
+      if line.strip():
+        with open(os.path.join(folder, line.strip()), "rb") as img:
+          digest.update(img.read())
+  return digest.hexdigest()
+
+
+def file_sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def record_path(weights_path):
+  """The JSON record written next to a pretrained backbone: <file>.json for <file>.npz."""
+  return weights_path[:-4] + ".json"
+
+
+def why_not_reusable(weights_path, config, arch=None, fingerprint=None):
+  """None if `weights_path` is what `pretrain_backbone(config)` would write (same settings, same
+  training data, the file its record describes); else the reason, as a phrase."""
+  record_file = record_path(weights_path)
+  if not (os.path.isfile(weights_path) and os.path.isfile(record_file)):
+    return f"{weights_path} or its record {record_file} is missing"
+  with open(record_file) as f:
+    record = json.load(f)
+  want = pretrain_settings(config, arch)
+  have = record.get("settings", {})
+  changed = [f"{k}={have.get(k)!r} (the config has {v!r})" for k, v in want.items()
+             if have.get(k) != v]
+  if changed:
+    return "it was pretrained with " + ", ".join(changed)
+  if record.get("data_sha256") != (fingerprint or data_fingerprint(config)):
+    return (f"it was pretrained on other training data than "
+            f"{os.path.join(config.data.root, config.data.folder)}")
+  if record.get("file_sha256") != file_sha256(weights_path):
+    return f"{weights_path} is not the file its record describes (sha256 differs)"
+  return None
+
+
 def pretrain_backbone(config, out_path, *, arch=None, log=print):
   """Trains `arch` (default: config.model.global_backbone) by attribute classification and
   writes it to `out_path` (.npz, torchvision keys). Returns {attribute: final accuracy %}.
 
   Knobs: config.pretrain.{steps, batch_size, lr}; data, image size and width from the config.
+  Also writes record_path(out_path): the settings, the training data's fingerprint, the file's
+  sha256 and the accuracy, so that a later run can tell whether the file fits its config
+  (`why_not_reusable`).
   """
   if not out_path.endswith(".npz"):
     raise ValueError(f"pretrain: the output {out_path} must end in .npz (the torchvision-keyed "
@@ -221,7 +284,14 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     tmp = out_path[:-4] + ".tmp.npz"
     np.savez(tmp, **weights)
+    record = {"settings": pretrain_settings(config, arch),
+              "data_sha256": data_fingerprint(config), "file_sha256": file_sha256(tmp),
+              "train_accuracy_last_fifth": accuracy,
+              "data": os.path.join(config.data.root, config.data.folder)}
+    with open(record_path(tmp), "w") as f:
+      json.dump(record, f, indent=1)
     os.replace(tmp, out_path)   # never a half-written weight file
+    os.replace(record_path(tmp), record_path(out_path))
     log(f"Pretrained {arch} ({p.steps} steps): training accuracy over the last {window} steps "
         + ", ".join(f"{k} {v:.0f}%" for k, v in accuracy.items()) + f"; wrote {out_path}.")
   return accuracy
