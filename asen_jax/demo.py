@@ -63,7 +63,9 @@ def ensure_backbone(config, backbone_file, shipped=SHIPPED_BACKBONE, force_pretr
       if why:
         raise ValueError(f"The backbone {backbone_file} does not fit this run: {why}; delete it "
                          "(or use another --workdir) and run the demo again.")
-    print(f"Using the pretrained backbone {backbone_file}.")
+    print(f"Using the pretrained backbone {backbone_file}" + (
+        " (--pretrain does not replace the backbone that this workdir's stages started from; use "
+        "a new --workdir)." if force_pretrain else "."))
     return "workdir"
   if not force_pretrain:
     why = pretrain.why_not_reusable(shipped, config)

@@ -88,6 +88,10 @@ def test_demo_copies_a_fitting_file_and_pretrains_otherwise(data_root, made, tmp
   # --pretrain pretrains even where the shipped file fits.
   forced = str(tmp_path / "run3" / "backbone.npz")
   assert demo.ensure_backbone(config, forced, shipped=made, force_pretrain=True) == "pretrained"
+  # ... but never replaces the one a workdir's stages started from.
+  capsys.readouterr()
+  assert demo.ensure_backbone(config, forced, shipped=made, force_pretrain=True) == "workdir"
+  assert "--pretrain does not replace" in capsys.readouterr().out
 
 
 def test_shipped_backbone_is_the_one_the_demo_would_pretrain(tmp_path):
