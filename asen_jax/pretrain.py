@@ -145,7 +145,7 @@ def pretrain_settings(config, arch=None):
 
 def data_fingerprint(config):
   """sha256 of the training split in <data.root>/<data.folder>: its file list, its labels and
-  every image's bytes (what pretraining learns from; a second or two for the synthetic set)."""
+  every image's bytes (what pretraining learns from; 0.1 s for the synthetic set)."""
   folder = os.path.join(config.data.root, config.data.folder)
   digest = hashlib.sha256()
   for name in ("filenames_train.txt", "label_train.txt"):
@@ -169,7 +169,7 @@ def record_path(weights_path):
   return weights_path[:-4] + ".json"
 
 
-def why_not_reusable(weights_path, config, arch=None, fingerprint=None):
+def why_not_reusable(weights_path, config, arch=None):
   """None if `weights_path` is what `pretrain_backbone(config)` would write (same settings, same
   training data, the file its record describes); else the reason, as a phrase."""
   record_file = record_path(weights_path)
@@ -183,7 +183,7 @@ def why_not_reusable(weights_path, config, arch=None, fingerprint=None):
              if have.get(k) != v]
   if changed:
     return "it was pretrained with " + ", ".join(changed)
-  if record.get("data_sha256") != (fingerprint or data_fingerprint(config)):
+  if record.get("data_sha256") != data_fingerprint(config):
     return (f"it was pretrained on other training data than "
             f"{os.path.join(config.data.root, config.data.folder)}")
   if record.get("file_sha256") != file_sha256(weights_path):

@@ -4,7 +4,8 @@
       --output runs/synthetic/backbone.npz
 
 Trains config.model.global_backbone (or --arch) at config.data.image_size on the training
-split's attribute labels for config.pretrain.steps steps and writes a torchvision-keyed .npz.
+split's attribute labels for config.pretrain.steps steps and writes a torchvision-keyed .npz,
+with a .json record next to it (settings, sha256 of the training split and of the weights).
 Pass it to both stages as ImageNet weights would be:
   --config configs/synthetic.py:global,model.init_backbones.global_file='<file>'
   --config configs/synthetic.py:joint,model.init_backbones.local_file='<file>'
