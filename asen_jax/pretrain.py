@@ -143,25 +143,26 @@ def pretrain_settings(config, arch=None):
           "pooling": p.get("pooling", "mean"), "seed": int(config.seed)}
 
 
+def _file_bytes(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
 def data_fingerprint(config):
   """sha256 of the training split in <data.root>/<data.folder>: its file list, its labels and
   every image's bytes (what pretraining learns from; 0.1 s for the synthetic set)."""
   folder = os.path.join(config.data.root, config.data.folder)
-  digest = hashlib.sha256()
-  for name in ("filenames_train.txt", "label_train.txt"):
-    with open(os.path.join(folder, name), "rb") as f:
-      digest.update(f.read())
-  with open(os.path.join(folder, "filenames_train.txt")) as f:
-    for line in f:
-      if line.strip():
-        with open(os.path.join(folder, line.strip()), "rb") as img:
-          digest.update(img.read())
+  names = _file_bytes(os.path.join(folder, "filenames_train.txt"))
+  digest = hashlib.sha256(names)
+  digest.update(_file_bytes(os.path.join(folder, "label_train.txt")))
+  for name in names.decode().splitlines():
+    if name.strip():
+      digest.update(_file_bytes(os.path.join(folder, name.strip())))
   return digest.hexdigest()
 
 
 def file_sha256(path):
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
+  return hashlib.sha256(_file_bytes(path)).hexdigest()
 
 
 def record_path(weights_path):
