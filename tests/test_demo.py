@@ -41,7 +41,7 @@ def test_record_says_what_the_file_was_made_from(data_root, made):
   assert pretrain.why_not_reusable(made, config) is None
 
 
-def test_other_settings_data_or_bytes_are_named(data_root, made, tmp_path, tmp_path_factory):
+def test_other_settings_data_or_bytes_are_named(data_root, made, tmp_path):
   why = pretrain.why_not_reusable(made, tiny_config(data_root, "global",
                                                     PRETRAIN + ",pretrain.steps=4,seed=2"))
   assert why == "it was pretrained with steps=3 (the config has 4), seed=0 (the config has 2)"
