@@ -20,8 +20,19 @@ from asen_jax import resnet
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# PyTorch's nn.Linear/nn.Conv2d default: uniform(+-1/sqrt(fan_in)).
+# The official heads keep PyTorch's default initialisation, and so do ours (Flax's defaults differ:
+# zero biases, and an attribute table of std 1/sqrt(attr_dim), which started the attribute query
+# tanh(W a) near 0 and every attention map near uniform; tests/test_model.py compares the spreads).
+# nn.Linear / nn.Conv2d weights: uniform(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+# nn.Embedding: N(0, 1).
+torch_embedding_init = nn.initializers.normal(stddev=1.0)
+
+
+def torch_bias_init(fan_in):
+  """nn.Linear / nn.Conv2d biases: uniform(+-1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class AttnEmbedding(nn.Module):
@@ -35,24 +46,28 @@ class AttnEmbedding(nn.Module):
   def __call__(self, feats_bhwc, attr_bd):
     """(B, H, W, C) features, (B, attr_dim) attribute vectors -> (emb_be, attmap_bhw)."""
     b, h, w, c = feats_bhwc.shape
-    dense = lambda n, name: nn.Dense(n, kernel_init=torch_default_init, dtype=self.dtype,
-                                     name=name)
     x = jnp.asarray(feats_bhwc, self.dtype)
     a = jnp.asarray(attr_bd, self.dtype)
+    k = a.shape[-1]
+
+    def dense(n, fan_in, name):
+      return nn.Dense(n, kernel_init=torch_default_init, bias_init=torch_bias_init(fan_in),
+                      dtype=self.dtype, name=name)
+
     # ASA: scaled dot product between the projected map and the projected attribute.
     img = jnp.tanh(nn.Conv(self.common_dim, (1, 1), kernel_init=torch_default_init,
-                           dtype=self.dtype, name="conv")(x))
-    q = jnp.tanh(dense(self.common_dim, "attr_transform1")(a))
+                           bias_init=torch_bias_init(c), dtype=self.dtype, name="conv")(x))
+    q = jnp.tanh(dense(self.common_dim, k, "attr_transform1")(a))
     logits = jnp.einsum("bhwd,bd->bhw", img, q) / math.sqrt(self.common_dim)
     # Softmax in float32 so the map sums to 1 whatever the compute dtype.
     attmap = jax.nn.softmax(logits.astype(jnp.float32).reshape(b, h * w), axis=-1)
     attmap_bhw = attmap.reshape(b, h, w)
     pooled = jnp.einsum("bhwc,bhw->bc", x, attmap_bhw.astype(self.dtype))  # weighted sum
     # ACA: channel gate from the pooled feature and the attribute.
-    a2 = nn.relu(dense(a.shape[-1], "attr_transform2")(a))
-    gate = nn.relu(dense(c // self.reduction, "fc1")(jnp.concatenate([pooled, a2], -1)))
-    gate = nn.sigmoid(dense(c, "fc2")(gate))
-    emb = dense(self.embed_dim, "feature_fc")(pooled * gate)
+    a2 = nn.relu(dense(k, k, "attr_transform2")(a))
+    gate = nn.relu(dense(c // self.reduction, c + k, "fc1")(jnp.concatenate([pooled, a2], -1)))
+    gate = nn.sigmoid(dense(c, c // self.reduction, "fc2")(gate))
+    emb = dense(self.embed_dim, c, "feature_fc")(pooled * gate)
     return emb.astype(jnp.float32), attmap_bhw
 
 
@@ -92,7 +107,8 @@ class ASENPP(nn.Module):
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.attr_embedding = nn.Embed(self.num_attributes, self.attr_dim, name="attr_embedding")
+    self.attr_embedding = nn.Embed(self.num_attributes, self.attr_dim,
+                                   embedding_init=torch_embedding_init, name="attr_embedding")
     # Explicit names: 'global' is a Python keyword, so it cannot be an attribute name.
     self.global_branch = Branch(self.global_backbone, self.width, self.global_common_dim,
                                 self.reduction, self.embed_dim, self.dtype,

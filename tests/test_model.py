@@ -70,6 +70,31 @@ def test_paper_param_counts():
   assert set(shapes["batch_stats"]["local"]) == {"backbone"}
 
 
+def test_heads_start_as_the_official_pytorch_modules_do():
+  """The official code leaves every head at PyTorch's defaults: nn.Embedding N(0, 1); nn.Linear
+  and 1x1 nn.Conv2d weights and biases uniform(+-1/sqrt(fan_in)). Flax's defaults differ (a
+  0.044-std table at 512 dims, zero biases), and a 23x smaller table starts the attribute query
+  tanh(W a) near 0, i.e. every attention map near uniform. Every head parameter of 256 or more
+  entries must have the spread of a freshly built PyTorch reference's."""
+  kw = dict(global_backbone="resnet18", local_backbone="resnet18", width=0.25)
+  torch.manual_seed(0)
+  ref, _ = convert.official_to_variables(tr.ASENPP(8, **kw).state_dict(), "reference")
+  model = model_lib.build_model(model_config(**kw), 8, with_local=True)
+  init = model_lib.init_variables(model, jax.random.key(0), 64, 32)
+  ref_flat = convert.flatten_tree(ref["params"])
+  checked = []
+  for key, value in convert.flatten_tree(init["params"]).items():
+    if "/backbone/" in key or np.size(value) < 256:
+      continue
+    ratio = float(np.std(np.asarray(value)) / np.std(ref_flat[key]))
+    assert 0.9 < ratio < 1.1, f"{key}: std {ratio:.3f} x PyTorch's"
+    checked.append(key)
+  assert "attr_embedding/embedding" in checked
+  for branch in ("global", "local"):
+    for layer in ("conv", "attr_transform1", "attr_transform2", "feature_fc"):
+      assert f"{branch}/head/{layer}/bias" in checked, (branch, layer)
+
+
 def test_stage1_model_has_no_local_branch():
   model = model_lib.build_model(model_config(), 8, with_local=False)
   shapes = jax.eval_shape(lambda: model_lib.init_variables(model, jax.random.key(0)))
