@@ -207,14 +207,20 @@ def format_table(results):
 
 
 def _split_images(config, split):
-  """image_id -> (view, hires) uint8 loader for one split."""
+  """image_id -> (view, hires, boxes) loader for one split: uint8 images, and float32 [A, 4]
+  ground-truth boxes in [0, 1] view coordinates (all -1 where unknown)."""
   from asen_jax.data import builder  # pylint: disable=g-import-not-at-top
+  from asen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   source = builder.split_source(config, split)
   index = builder.record_index(config, split)
 
   def load(image_id):
     record = source[int(index[int(image_id)])]
-    return data_lib.load_view(record["image"], config.data.image_size, config.data.hires_size)
+    view, hires = data_lib.load_view(record["image"], config.data.image_size,
+                                     config.data.hires_size)
+    w, h = int(record["width"]), int(record["height"])
+    boxes = np.stack([pipeline.box_to_view(b, w, h) for b in np.asarray(record["boxes"])])
+    return view, hires, boxes
   return load
 
 
@@ -253,7 +259,8 @@ def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3
 
 
 def attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
-  """Where each attribute looks: images x attributes heatmaps of the global branch."""
+  """Where each attribute looks: images x attributes heatmaps of the global branch, with each
+  attribute's ground-truth box and each map's maximum."""
   from asen_jax import viz  # pylint: disable=g-import-not-at-top
   views = [load(i) for i in image_ids]
   n, num_attr = len(views), len(info.attributes)
@@ -268,4 +275,5 @@ def attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
   attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
   attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
   return viz.attention_grid([v[0] for v in views], attmap, list(info.attributes),
-                            stride=attention_stride(config))
+                            stride=attention_stride(config),
+                            boxes=np.stack([v[2] for v in views]), mark_peaks=True)

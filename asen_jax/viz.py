@@ -14,6 +14,7 @@ RELEVANT_COLOUR = (0, 200, 0)
 IRRELEVANT_COLOUR = (220, 0, 0)
 BOX_COLOUR = (255, 255, 0)      # predicted RoI
 GT_BOX_COLOUR = (0, 255, 255)   # ground-truth box
+PEAK_COLOUR = (255, 255, 255)   # attention maximum
 BACKGROUND = (255, 255, 255)
 TEXT_COLOUR = (0, 0, 0)
 PAD = 8          # gap between tiles and around the panel
@@ -163,9 +164,23 @@ def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Se
   return panel
 
 
+def _draw_peak(draw, attmap, placement, offset, stride, arm=4):
+  """A white '+' with a dark outline on the map's maximum, placed as `upsample_bilinear` places
+  its cell (the point that `retrieval.pointing_hits` tests against the box)."""
+  m = np.asarray(attmap, np.float32)
+  i, j = np.unravel_index(int(np.argmax(m)), m.shape)   # first maximum, as pointing_hits
+  off = retrieval.cell_offset(stride)
+  ox, oy, new_w, new_h = placement
+  x = offset[0] + ox + (j + off) / m.shape[1] * new_w
+  y = offset[1] + oy + (i + off) / m.shape[0] * new_h
+  for colour, width in ((TEXT_COLOUR, 3), (PEAK_COLOUR, 1)):
+    draw.line([(x - arm, y), (x + arm, y)], fill=colour, width=width)
+    draw.line([(x, y - arm), (x, y + arm)], fill=colour, width=width)
+
+
 def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Sequence[str], *,
-                   tile: int = 128, alpha: float = 0.5,
-                   stride: float | None = None) -> Image.Image:
+                   tile: int = 128, alpha: float = 0.5, stride: float | None = None,
+                   boxes=None, mark_peaks: bool = False) -> Image.Image:
   """Rows = images, columns = the image then one heatmap per attribute.
 
   Args:
@@ -173,14 +188,25 @@ def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Seq
     attmaps_per_attribute: [N, A, h, w] attention maps, one per image and attribute.
     attribute_names: A column titles.
     stride: as in `upsample_bilinear`.
+    boxes: optional [N, A, 4] ground-truth regions, (x0, y0, x1, y1) in [0, 1] coordinates of
+      each image (all -1: none), outlined in GT_BOX_COLOUR on each heatmap.
+    mark_peaks: draw a '+' on each map's maximum (where pointing accuracy looks); a legend line
+      is added below the grid when boxes or peaks are drawn.
   """
   maps = np.asarray(attmaps_per_attribute, np.float32)
   n, a = len(images), len(attribute_names)
   if maps.ndim != 4 or maps.shape[:2] != (n, a):
     raise ValueError(f"attmaps_per_attribute must have shape [{n}, {a}, h, w] for {n} images and "
                      f"{a} attribute names, got {maps.shape}.")
+  if boxes is not None:
+    boxes = np.asarray(boxes, np.float32)
+    if boxes.shape != (n, a, 4):
+      raise ValueError(f"boxes must have shape [{n}, {a}, 4] (one box per image and attribute), "
+                       f"got {boxes.shape}.")
+  legend = [text for text, on in (("cyan: the attribute's region", boxes is not None),
+                                  ("+: the attention maximum", mark_peaks)) if on]
   width = PAD + (a + 1) * (tile + PAD)
-  height = HEADER_H + n * (tile + PAD)
+  height = HEADER_H + n * (tile + PAD) + (CAPTION_H if legend else 0)
   grid = Image.new("RGB", (width, height), BACKGROUND)
   draw = ImageDraw.Draw(grid)
   font = _font(11)
@@ -192,8 +218,15 @@ def attention_grid(images: Sequence, attmaps_per_attribute, attribute_names: Seq
     y = HEADER_H + i * (tile + PAD)
     grid.paste(_fit(img, tile)[0], (tile_origin(0, tile)[0], y))
     for j in range(a):
-      cell, _ = _fit(heatmap_overlay(img, maps[i, j], alpha, stride), tile)
-      grid.paste(cell, (tile_origin(j + 1, tile)[0], y))
+      cell, placement = _fit(heatmap_overlay(img, maps[i, j], alpha, stride), tile)
+      xy = (tile_origin(j + 1, tile)[0], y)
+      grid.paste(cell, xy)
+      if boxes is not None:
+        _draw_box(draw, boxes[i, j], placement, xy, GT_BOX_COLOUR, width=1)
+      if mark_peaks:
+        _draw_peak(draw, maps[i, j], placement, xy, stride)
+  if legend:
+    draw.text((PAD, height - CAPTION_H + 3), ";  ".join(legend), fill=TEXT_COLOUR, font=font)
   return grid
 
 

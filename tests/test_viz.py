@@ -106,3 +106,30 @@ def test_attention_grid_cells_are_overlays(tmp_path):
     viz.save_panel(grid, tmp_path / "grid.gif")
   with pytest.raises(ValueError, match="uint8"):
     viz.heatmap_overlay(np.zeros((4, 4, 3), np.float32), maps[0, 0])
+
+
+def test_attention_grid_draws_boxes_and_each_maximum():
+  tile = 96   # = the view size, so tile pixels are view pixels
+  images = [np.full((96, 96, 3), 128, np.uint8)]
+  maps = np.zeros((1, 2, 12, 12), np.float32)
+  maps[0, 0, 3, 5] = 1.0
+  maps[0, 1, 10, 1] = 1.0
+  boxes = np.array([[[0.25, 0.5, 0.75, 1.0], [-1, -1, -1, -1]]], np.float32)
+  grid = viz.attention_grid(images, maps, ["a", "b"], tile=tile, stride=8, boxes=boxes,
+                            mark_peaks=True)
+  assert grid.size[1] == viz.HEADER_H + tile + viz.PAD + viz.CAPTION_H   # legend line
+  px = np.asarray(grid)
+  y = viz.HEADER_H
+  tiles = [px[y:y + tile, x:x + tile] for x in (viz.tile_origin(j, tile)[0] for j in (1, 2))]
+  # The box's left edge (x0 = 0.25 * 96 = 24) from y0 = 48 down; none on the boxless map.
+  np.testing.assert_array_equal(tiles[0][70, 24], viz.GT_BOX_COLOUR)
+  assert not (tiles[1] == viz.GT_BOX_COLOUR).all(-1).any()
+  # Each '+' is centred on its maximum's cell at the receptive-field centre: view pixel 8 * index
+  # plus half a pixel, (40.5, 24.5) for cell (3, 5) and (8.5, 80.5) for cell (10, 1).
+  for t, (cx, cy) in zip(tiles, [(40.5, 24.5), (8.5, 80.5)]):
+    ys, xs = np.nonzero((t == viz.PEAK_COLOUR).all(-1))
+    assert len(xs) >= 12
+    centre = (xs.mean() + 0.5, ys.mean() + 0.5)
+    assert abs(centre[0] - cx) <= 1.0 and abs(centre[1] - cy) <= 1.0, centre
+  with pytest.raises(ValueError, match=r"boxes must have shape \[1, 2, 4\]"):
+    viz.attention_grid(images, maps, ["a", "b"], boxes=boxes[:, :1])
