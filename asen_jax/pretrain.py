@@ -19,9 +19,10 @@ Pooling (`config.pretrain.pooling`):
   'mask'  a learned foreground mask (configs/synthetic.py): a 1x1 conv + sigmoid weighs each
           cell and the heads see the mask-weighted mean, so the cells the mask leaves out (the
           background) get almost no gradient and describe the background, as ImageNet features
-          do. On the demo (with an ASA width of 64), over three seeds, it put 68-81 % of the
-          attention maxima on their attribute's box (average pooling: 46 % over two; both at
-          receptive-field centres) and raised ASEN++'s MAP; the README's Results has the runs.
+          do. On the demo (with an ASA width of 64 and Flax's default head initialisation, as
+          the code then was), over three seeds, it put 68-81 % of the attention maxima on their
+          attribute's box (average pooling: 46 % over two; both at receptive-field centres) and
+          raised ASEN++'s MAP; the README's Results has the runs.
 
 Only the labels that ASEN++ trains on are used (the train split), and only for the backbone:
 the attention, embedding heads and the attribute table still come from the two ASEN++ stages.
