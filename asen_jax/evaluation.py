@@ -95,7 +95,7 @@ def attention_stride(config) -> int:
   return int(config.model.get("global_output_stride", 0) or 16)
 
 
-def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
+def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names, value_names=None):
   """MAP (and pointing accuracy when boxes are known) of one split; returns (results, q, c)."""
   queries = embed_stream(config, variables, embed_fn, mesh, split, "query")
   cands = embed_stream(config, variables, embed_fn, mesh, split, "candidate")
@@ -109,10 +109,12 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names):
     args = (np.concatenate([queries.attmap, cands.attmap]),
             np.concatenate([queries.gt_box, cands.gt_box]),
             np.concatenate([queries.attribute, cands.attribute]), num_attributes)
-    # Each cell at its receptive field's centre; and, for comparison, where the paper's way of
-    # drawing a map (bilinear, half-pixel centres) puts it (retrieval.cell_centres).
+    # Each cell at its receptive field's centre (also per value: which values the attention
+    # finds); and, for comparison, where the paper's way of drawing a map (bilinear, half-pixel
+    # centres) puts it (retrieval.cell_centres).
     results["pointing_accuracy"] = retrieval.pointing_accuracy(
-        *args, attribute_names=attribute_names, stride=attention_stride(config))
+        *args, attribute_names=attribute_names, stride=attention_stride(config),
+        values_b=np.concatenate([queries.value, cands.value]), value_names=value_names)
     results["pointing_accuracy_drawn"] = retrieval.pointing_accuracy(
         *args, attribute_names=attribute_names)
   return results, queries, cands
@@ -170,7 +172,7 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   variables = parallel.replicate(mesh, variables)
   embed_fn = make_embed_fn(config, model, joint, mesh)
   results, queries, cands = evaluate_split(config, variables, embed_fn, mesh, split,
-                                           info.attributes)
+                                           info.attributes, info.value_names)
   results.update(split=split, stage="joint" if joint else "global", checkpoint=checkpoint_path,
                  beta=config.eval.beta if joint else None)
   if joint and config.eval.beta > 0:   # beta = 0 leaves no global block to rank by

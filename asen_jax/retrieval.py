@@ -340,7 +340,8 @@ def pointing_hits(attmap_bhw, boxes_b4, stride: float | None = None):
 
 def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, mask=None,
                       attribute_names: Sequence[str] | None = None,
-                      stride: float | None = None) -> dict[str, Any]:
+                      stride: float | None = None, values_b=None,
+                      value_names: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
   """Share (%) of (image, attribute) pairs whose attention maximum lies in the GT box.
 
   `stride` (view pixels per map cell) places each cell at its receptive field's centre; None
@@ -348,6 +349,10 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
 
   Returns dict(pointing_overall=%, pointing_per_attribute={name: %}, num_pairs={name: int});
   rows with an all -1 box or mask False are ignored; NaN where there are no pairs.
+  With `values_b` (each row's value of its attribute) it also returns, per attribute and value
+  (named by `value_names[a][v]`, else the value's index), pointing_per_value={name: {value: %}}
+  and peak_per_value={name: {value: median of the map's maximum over the uniform level 1/(H W)}}:
+  a value whose maps have no clear peak (about 1-4) gets its maximum wherever noise puts it.
   """
   names = _names(attribute_names, num_attributes)
   att = np.asarray(attmap_bhw)
@@ -376,7 +381,30 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
     counts[name] = int(sel.sum())
     per_attr[name] = float(100.0 * hit[sel].mean()) if counts[name] else float("nan")
   overall = float(100.0 * hit[used].mean()) if used.any() else float("nan")
-  return {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
+  out = {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
+  if values_b is not None:
+    val = _labels(values_b, "values_b", b)
+    if value_names is not None and len(value_names) != num_attributes:
+      raise ValueError(f"value_names has {len(value_names)} lists but num_attributes is "
+                       f"{num_attributes}; give one list of value names per attribute.")
+    peak = att.reshape(b, -1).max(axis=1) * (att.shape[1] * att.shape[2])
+    per_value, peak_value = {}, {}
+    for a, name in enumerate(names):
+      sel_a = used & (attr == a)
+      present = np.unique(val[sel_a])
+      if value_names is not None and present.size and (
+          present.min() < 0 or present.max() >= len(value_names[a])):
+        raise ValueError(f"values_b has value {int(present.max())} for attribute {name!r}, which "
+                         f"has {len(value_names[a])} value names; the labels and the names "
+                         "disagree.")
+      per_value[name], peak_value[name] = {}, {}
+      for v in present:
+        key = str(value_names[a][v]) if value_names is not None else str(int(v))
+        sel = sel_a & (val == v)
+        per_value[name][key] = float(100.0 * hit[sel].mean())
+        peak_value[name][key] = float(np.median(peak[sel]))
+    out.update(pointing_per_value=per_value, peak_per_value=peak_value)
+  return out
 
 
 __all__ = [

@@ -118,8 +118,15 @@ def test_official_and_converted_checkpoints_give_the_same_map(setup, tmp_path):
       from_pth["global_branch"]["map_overall"], abs=1e-6)
   assert from_pth["global_branch"]["map_overall"] != pytest.approx(from_pth["map_overall"],
                                                                    abs=1e-3)
-  assert set(from_orbax["pointing_accuracy"]["pointing_per_attribute"]) == set(
-      from_orbax["map_per_attribute"])
+  pointing = from_orbax["pointing_accuracy"]
+  assert set(pointing["pointing_per_attribute"]) == set(from_orbax["map_per_attribute"])
+  # Per value, named as the dataset names them.
+  with open(os.path.join(root, "Synthetic", "meta.json")) as f:
+    meta = json.load(f)
+  for a, name in enumerate(meta["attributes"]):
+    per_value = pointing["pointing_per_value"][name]
+    assert set(per_value) <= set(meta["value_names"][a]) and per_value
+    assert set(pointing["peak_per_value"][name]) == set(per_value)
   pictures = sorted(os.listdir(viz_dir))
   assert "attention_grid.png" in pictures and len(pictures) == 1 + 5  # one query per attribute
 

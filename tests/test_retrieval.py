@@ -210,6 +210,25 @@ def test_pointing_accuracy_hand_case():
   assert res["pointing_per_attribute"]["sleeve"] == pytest.approx(100.0)
   assert np.isnan(res["pointing_per_attribute"]["neck"])
   assert res["num_pairs"] == {"collar": 3, "sleeve": 1, "neck": 0}
+  assert "pointing_per_value" not in res
+  # Per value: collar rows 0 (value 0, hit), 1 and 2 (value 1, miss and hit); sleeve row 3.
+  att[1] = 1 / 16
+  att[1, 1, 2] = 0.25   # a flatter map, maximum 4 x the uniform level; the others 16 x
+  names = [("pointed", "round"), ("short", "long"), ("crew", "v")]
+  res = retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask,
+                                    attribute_names=["collar", "sleeve", "neck"],
+                                    values_b=[0, 1, 1, 0, 1, 1], value_names=names)
+  assert res["pointing_overall"] == pytest.approx(75.0)
+  assert res["pointing_per_value"] == {"collar": {"pointed": 100.0, "round": 50.0},
+                                       "sleeve": {"short": 100.0}, "neck": {}}
+  assert res["peak_per_value"] == {"collar": {"pointed": 16.0, "round": 10.0},
+                                   "sleeve": {"short": 16.0}, "neck": {}}
+  unnamed = retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask, values_b=[0, 1, 1, 0, 1, 1])
+  assert unnamed["pointing_per_value"]["attribute_0"] == {"0": 100.0, "1": 50.0}
+  with pytest.raises(ValueError, match="values_b has value 1 for attribute 'sleeve'"):
+    retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask, values_b=[0, 1, 1, 1, 1, 1],
+                                attribute_names=["collar", "sleeve", "neck"],
+                                value_names=[("a", "b"), ("a",), ("a",)])
   with pytest.raises(ValueError, match="boxes_b4 row 1"):
     retrieval.pointing_accuracy(att[:2], np.array([[0, 0, 1, 1], [0.5, 0, 0.2, 1]]), [0, 0], 3)
 
