@@ -42,7 +42,8 @@ def main(argv):
   print(demo.format_demo_table(results))
   pictures = os.path.join(_WORKDIR.value, "pictures")
   print(f"\nPictures: {pictures}/attention_grid.png and one retrieval panel per query in "
-        f"{pictures}/; numbers: {os.path.join(_WORKDIR.value, 'results.json')} "
+        f"{pictures}/; numbers, with pointing per attribute value: "
+        f"{os.path.join(_WORKDIR.value, 'results.json')} "
         f"({results['timings']['total_s'] / 60:.1f} min).")
 
 
