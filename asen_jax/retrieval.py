@@ -375,34 +375,35 @@ def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, m
                      "in [0, 1] with x0 <= x1 and y0 <= y1, or all -1 for no box.")
   hit, _ = pointing_hits(att, boxes.astype(np.float32), stride)
   hit = np.asarray(hit)
-  per_attr, counts = {}, {}
-  for a, name in enumerate(names):
-    sel = used & (attr == a)
-    counts[name] = int(sel.sum())
-    per_attr[name] = float(100.0 * hit[sel].mean()) if counts[name] else float("nan")
-  overall = float(100.0 * hit[used].mean()) if used.any() else float("nan")
-  out = {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
-  if values_b is not None:
+  by_value = values_b is not None
+  if by_value:
     val = _labels(values_b, "values_b", b)
     if value_names is not None and len(value_names) != num_attributes:
       raise ValueError(f"value_names has {len(value_names)} lists but num_attributes is "
                        f"{num_attributes}; give one list of value names per attribute.")
     peak = att.reshape(b, -1).max(axis=1) * (att.shape[1] * att.shape[2])
-    per_value, peak_value = {}, {}
-    for a, name in enumerate(names):
-      sel_a = used & (attr == a)
-      present = np.unique(val[sel_a])
-      if value_names is not None and present.size and (
-          present.min() < 0 or present.max() >= len(value_names[a])):
-        raise ValueError(f"values_b has value {int(present.max())} for attribute {name!r}, which "
-                         f"has {len(value_names[a])} value names; the labels and the names "
-                         "disagree.")
-      per_value[name], peak_value[name] = {}, {}
-      for v in present:
-        key = str(value_names[a][v]) if value_names is not None else str(int(v))
-        sel = sel_a & (val == v)
-        per_value[name][key] = float(100.0 * hit[sel].mean())
-        peak_value[name][key] = float(np.median(peak[sel]))
+  per_attr, counts, per_value, peak_value = {}, {}, {}, {}
+  for a, name in enumerate(names):
+    sel = used & (attr == a)
+    counts[name] = int(sel.sum())
+    per_attr[name] = float(100.0 * hit[sel].mean()) if counts[name] else float("nan")
+    if not by_value:
+      continue
+    present = np.unique(val[sel])
+    if value_names is not None:
+      bad_v = present[(present < 0) | (present >= len(value_names[a]))]
+      if bad_v.size:
+        raise ValueError(f"values_b has value {int(bad_v[0])} for attribute {name!r}, which has "
+                         f"{len(value_names[a])} value names; the labels and the names disagree.")
+    per_value[name], peak_value[name] = {}, {}
+    for v in present:
+      key = str(value_names[a][v]) if value_names is not None else str(int(v))
+      sel_v = sel & (val == v)
+      per_value[name][key] = float(100.0 * hit[sel_v].mean())
+      peak_value[name][key] = float(np.median(peak[sel_v]))
+  overall = float(100.0 * hit[used].mean()) if used.any() else float("nan")
+  out = {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
+  if by_value:
     out.update(pointing_per_value=per_value, peak_per_value=peak_value)
   return out
 

@@ -223,12 +223,16 @@ def test_pointing_accuracy_hand_case():
                                        "sleeve": {"short": 100.0}, "neck": {}}
   assert res["peak_per_value"] == {"collar": {"pointed": 16.0, "round": 10.0},
                                    "sleeve": {"short": 16.0}, "neck": {}}
-  unnamed = retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask, values_b=[0, 1, 1, 0, 1, 1])
+  unnamed = retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask,
+                                        values_b=[0, 1, 1, 0, 1, 1])
   assert unnamed["pointing_per_value"]["attribute_0"] == {"0": 100.0, "1": 50.0}
   with pytest.raises(ValueError, match="values_b has value 1 for attribute 'sleeve'"):
     retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask, values_b=[0, 1, 1, 1, 1, 1],
                                 attribute_names=["collar", "sleeve", "neck"],
                                 value_names=[("a", "b"), ("a",), ("a",)])
+  with pytest.raises(ValueError, match="values_b has value -1 for attribute 'collar'"):
+    retrieval.pointing_accuracy(att, boxes, attrs, 3, mask=mask, values_b=[-1, 1, 1, 0, 1, 1],
+                                attribute_names=["collar", "sleeve", "neck"], value_names=names)
   with pytest.raises(ValueError, match="boxes_b4 row 1"):
     retrieval.pointing_accuracy(att[:2], np.array([[0, 0, 1, 1], [0.5, 0, 0.2, 1]]), [0, 0], 3)
 
