@@ -5,12 +5,16 @@ Layout of a training workdir:
   <workdir>/checkpoints/best/<step>/{model,meta}              best validation MAP
 A converted official checkpoint is a manager folder with one step holding {model, meta}.
 `meta` is JSON: attributes, num_values, stage ('global'|'joint'), model (config.model), step, ...
+`load_model` reads any of these, and the official `.pth.tar` files, for every user of weights.
 """
 import os
 
 from absl import logging
 import jax
 import orbax.checkpoint as ocp
+
+from asen_jax import convert
+from asen_jax import model as model_lib
 
 MODEL_ITEMS = ("model", "meta")
 
@@ -65,6 +69,45 @@ def load_model_variables(path, prefer="best", step=None):
   return variables, dict(restored["meta"]), step
 
 
+OFFICIAL_SUFFIXES = (".pth", ".tar", ".pt")
+
+
+def load_model(path, prefer="best"):
+  """(variables, meta) of any model checkpoint, as host numpy trees.
+
+  `path`: a training workdir (its `prefer` checkpoint: 'best' or 'latest'), a checkpoint folder
+  of this project, or an official ASEN++ `.pth.tar` (stage 1 or 2, architecture read off the
+  keys). meta always has: stage ('global'|'joint'), model (the shape fields of config.model),
+  attributes (None for official files, which hold only their count), num_attributes, step
+  (None for official files) and source.
+  """
+  path = os.fspath(path)
+  if path.endswith(OFFICIAL_SUFFIXES):
+    variables, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
+    meta = {"stage": "joint" if info["stage"] == 2 else "global", "model": info["model"],
+            "attributes": None, "num_attributes": info["num_attributes"], "step": None}
+  else:
+    variables, meta, step = load_model_variables(path, prefer)
+    meta = dict(meta, step=step, num_attributes=len(meta["attributes"]))
+    # Fields newer than the checkpoint take the value they had before they existed.
+    meta["model"] = {**model_lib.MODEL_FIELD_DEFAULTS, **meta.get("model", {})}
+  meta["source"] = path
+  return variables, meta
+
+
+def check_attributes(meta, attributes, source):
+  """One sentence when a checkpoint (its `meta`) was trained on other attributes."""
+  if meta["attributes"] is None:   # official files: only the count is known
+    if meta["num_attributes"] != len(attributes):
+      raise ValueError(f"{source} has {meta['num_attributes']} attributes but the config has "
+                       f"{len(attributes)} ({', '.join(attributes)}); use the config of the "
+                       "dataset it was trained on.")
+  elif list(meta["attributes"]) != list(attributes):
+    raise ValueError(f"{source} was trained on attributes {list(meta['attributes'])}, but the "
+                     f"config has {list(attributes)}; use a checkpoint of the same dataset or "
+                     "the config of its dataset.")
+
+
 class RunCheckpoints:
   """The latest (full training state) and best-by-MAP (model only) checkpoints of a run."""
 
@@ -80,18 +123,11 @@ class RunCheckpoints:
   def latest_step(self):
     return self.latest.latest_step()
 
-  @staticmethod
-  def _newest_meta(manager):
-    step = manager.latest_step()
+  def latest_meta(self):
+    step = self.latest.latest_step()
     if step is None:
       return None
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-
-  def latest_meta(self):
-    return self._newest_meta(self.latest)
-
-  def best_meta(self):
-    return self._newest_meta(self.best)
+    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def save_latest(self, step, variables, opt, data_iterator, meta):
     self.latest.save(step, args=ocp.args.Composite(

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from asen_jax import convert  # noqa: E402  pylint: disable=g-import-not-at-top
+from asen_jax import checkpoint as ckpt_lib  # noqa: E402  pylint: disable=g-import-not-at-top
 from asen_jax import resnet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Fields that decide the variables' shapes; compared between checkpoint and config.
@@ -23,18 +23,17 @@ _LOCAL_FIELDS = ("local_backbone", "local_common_dim")
 
 def convert_checkpoint(checkpoint_path, config, output_dir):
   """Reads, converts and checks `checkpoint_path`; writes it to `output_dir`; -> (variables, meta)."""
-  from asen_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  state_dict = convert.read_weight_file(checkpoint_path)
-  variables, info = convert.official_to_variables(state_dict, source=checkpoint_path)
+  from asen_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  if not checkpoint_path.endswith(ckpt_lib.OFFICIAL_SUFFIXES):
+    raise ValueError(f"{checkpoint_path} is not an official .pth/.pth.tar file; checkpoints of "
+                     "this project need no conversion.")
+  variables, info = ckpt_lib.load_model(checkpoint_path)
   attributes, num_values = list(config.data.attributes), list(config.data.num_values)
   if not attributes:  # e.g. the synthetic config reads them from the dataset
-    from asen_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     dataset = data_lib.dataset_info(config)
     attributes, num_values = list(dataset.attributes), list(dataset.num_values)
-  if info["num_attributes"] != len(attributes):
-    raise ValueError(f"{checkpoint_path} has {info['num_attributes']} attributes but the config "
-                     f"has {len(attributes)}; use the config of the dataset it was trained on.")
-  fields = _GLOBAL_FIELDS + (_LOCAL_FIELDS if info["stage"] == 2 else ())
+  ckpt_lib.check_attributes(info, attributes, checkpoint_path)
+  fields = _GLOBAL_FIELDS + (_LOCAL_FIELDS if info["stage"] == "joint" else ())
   # Width is compared as the stem's channel count: the file only tells 64 * width.
   same = lambda f, a, b: (resnet.scaled_channels(64, a) == resnet.scaled_channels(64, b)
                           if f == "width" else a == b)
@@ -47,8 +46,7 @@ def convert_checkpoint(checkpoint_path, config, output_dir):
   # asks (the keys cannot tell a stride), as evaluating the .pth file directly does.
   model = dict(config.model.to_dict(), global_output_stride=info["model"]["global_output_stride"])
   meta = {"attributes": attributes, "num_values": num_values,
-          "stage": "joint" if info["stage"] == 2 else "global",
-          "model": model, "source": os.path.abspath(checkpoint_path)}
+          "stage": info["stage"], "model": model, "source": os.path.abspath(checkpoint_path)}
   ckpt_lib.save_model_variables(os.path.abspath(output_dir), variables, meta)
   return variables, meta
 
