@@ -10,14 +10,19 @@ import os
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
+from asen_jax import checkpoint as ckpt_lib
+from asen_jax import trees
 from asen_jax import data as data_lib
 from asen_jax import model as model_lib
 from asen_jax import parallel
+from asen_jax import pointing
 from asen_jax import retrieval
 from asen_jax import roi
+from asen_jax import viz
 
 
 def retrieval_embedding(variables, images, hires, attributes, *, model, joint, frame_size,
@@ -90,11 +95,6 @@ def embed_stream(config, variables, embed_fn, mesh, split, which, desc=None):
   return Embedded(**{k: v[keep] for k, v in cat.items()})
 
 
-def attention_stride(config) -> int:
-  """Global-view pixels per cell of the global attention map (torchvision's layer3: 16)."""
-  return int(config.model.get("global_output_stride", 0) or 16)
-
-
 def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names, value_names=None):
   """MAP (and pointing accuracy when boxes are known) of one split; returns (results, q, c)."""
   queries = embed_stream(config, variables, embed_fn, mesh, split, "query")
@@ -111,44 +111,26 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names, va
             np.concatenate([queries.attribute, cands.attribute]), num_attributes)
     # Each cell at its receptive field's centre (also per value: which values the attention
     # finds); and, for comparison, where the paper's way of drawing a map (bilinear, half-pixel
-    # centres) puts it (retrieval.cell_centres).
-    results["pointing_accuracy"] = retrieval.pointing_accuracy(
-        *args, attribute_names=attribute_names, stride=attention_stride(config),
+    # centres) puts it (pointing.cell_centres).
+    results["pointing_accuracy"] = pointing.pointing_accuracy(
+        *args, attribute_names=attribute_names, stride=pointing.attention_stride(config),
         values_b=np.concatenate([queries.value, cands.value]), value_names=value_names)
-    results["pointing_accuracy_drawn"] = retrieval.pointing_accuracy(
+    results["pointing_accuracy_drawn"] = pointing.pointing_accuracy(
         *args, attribute_names=attribute_names)
   return results, queries, cands
 
 
 def load_for_eval(config, path, attributes):
   """(model, variables, joint, meta) from a workdir/checkpoint folder or an official .pth.tar."""
-  from asen_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from asen_jax import convert  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  if path.endswith((".pth", ".tar")):
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    variables, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
-    if info["num_attributes"] != len(attributes):
-      raise ValueError(f"Checkpoint {path} has {info['num_attributes']} attributes but the config "
-                       f"has {len(attributes)} ({', '.join(attributes)}); use the config of the "
-                       "dataset it was trained on.")
-    meta = {"attributes": list(attributes), "stage": "joint" if info["stage"] == 2 else "global",
-            "source": path}
-    model_config = ml_collections.ConfigDict(info["model"])
-  else:
-    variables, meta, step = ckpt_lib.load_model_variables(path, prefer="best")
-    meta["checkpoint_step"] = step
-    if list(meta["attributes"]) != list(attributes):
-      raise ValueError(f"Checkpoint {path} was trained on attributes {meta['attributes']} but the "
-                       f"config has {list(attributes)}; use the config of its dataset.")
-    model_config = ml_collections.ConfigDict(meta.get("model", config.model.to_dict()))
+  variables, meta = ckpt_lib.load_model(path, prefer="best")
+  ckpt_lib.check_attributes(meta, attributes, f"Checkpoint {path}")
   joint = "local" in variables["params"]
-  model = model_lib.build_model(model_config, len(attributes), with_local=joint,
+  model = model_lib.build_model(ml_collections.ConfigDict({**config.model.to_dict(), **meta["model"]}),
+                                len(attributes), with_local=joint,
                                 dtype=jnp.dtype(config.model.compute_dtype))
   reference = jax.eval_shape(lambda: model_lib.init_variables(
       model, jax.random.key(0), config.data.image_size, config.model.local_size))
-  variables = {k: convert.strict_merge(reference[k], variables[k], path)
+  variables = {k: trees.merge_params(reference[k], variables[k], path)
                for k in ("params", "batch_stats")}
   return model, variables, joint, meta
 
@@ -179,9 +161,9 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
     results["global_branch"] = global_branch_map(queries, cands, model.embed_dim,
                                                  info.attributes)
   if viz_dir and jax.process_index() == 0:
-    results["pictures"] = write_pictures(config, split, queries, cands, info, viz_dir,
-                                         viz_queries, variables=variables, embed_fn=embed_fn,
-                                         mesh=mesh)
+    results["pictures"] = viz.write_pictures(config, split, queries, cands, info, viz_dir,
+                                             viz_queries, variables=variables,
+                                             embed_fn=embed_fn, mesh=mesh)
   return results
 
 
@@ -206,76 +188,3 @@ def format_table(results):
                  f"{results['global_branch']['map_overall']:>9.2f}")
   lines.append(f"{'random ranking':<24}{'':>9}{results['map_random']:>9.2f}")
   return "\n".join(lines)
-
-
-def _split_images(config, split):
-  """image_id -> (view, hires, boxes) loader for one split: uint8 images, and float32 [A, 4]
-  ground-truth boxes in [0, 1] view coordinates (all -1 where unknown)."""
-  from asen_jax.data import builder  # pylint: disable=g-import-not-at-top
-  from asen_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  source = builder.split_source(config, split)
-  index = builder.record_index(config, split)
-
-  def load(image_id):
-    record = source[int(index[int(image_id)])]
-    view, hires = data_lib.load_view(record["image"], config.data.image_size,
-                                     config.data.hires_size)
-    w, h = int(record["width"]), int(record["height"])
-    boxes = np.stack([pipeline.box_to_view(b, w, h) for b in np.asarray(record["boxes"])])
-    return view, hires, boxes
-  return load
-
-
-def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3, top_k=6,
-                   variables=None, embed_fn=None, mesh=None, grid_images=4):
-  """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths."""
-  from asen_jax import viz  # pylint: disable=g-import-not-at-top
-  os.makedirs(viz_dir, exist_ok=True)
-  load = _split_images(config, split)
-  frame = float(config.data.image_size)
-  paths = []
-  for a, name in enumerate(info.attributes):
-    q_rows = np.flatnonzero(queries.attribute == a)[:per_attribute]
-    c_rows = np.flatnonzero(cands.attribute == a)
-    for q in q_rows:
-      scores = cands.emb[c_rows] @ queries.emb[q]
-      order = np.argsort(-scores, kind="stable")[:top_k]
-      top = c_rows[order]
-      value_name = info.value_names[a][queries.value[q]] if info.value_names else queries.value[q]
-      gt = queries.gt_box[q] if (queries.gt_box[q] >= 0).all() else None
-      panel = viz.retrieval_panel(
-          load(queries.image_id[q])[0], queries.attmap[q], queries.box[q] / frame,
-          [load(cands.image_id[c])[0] for c in top], list(cands.value[top] == queries.value[q]),
-          [float(s) for s in scores[order]],
-          f"{name} = {value_name}   (query {int(queries.image_id[q])}, {split})", gt_box=gt,
-          stride=attention_stride(config))
-      path = os.path.join(viz_dir, f"{name}_query{int(queries.image_id[q])}.png")
-      viz.save_panel(panel, path)
-      paths.append(path)
-  if embed_fn is not None and grid_images:
-    ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
-    path = os.path.join(viz_dir, "attention_grid.png")
-    viz.save_panel(attention_grid(config, variables, embed_fn, mesh, load, ids, info), path)
-    paths.append(path)
-  return paths
-
-
-def attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
-  """Where each attribute looks: images x attributes heatmaps of the global branch, with each
-  attribute's ground-truth box and each map's maximum."""
-  from asen_jax import viz  # pylint: disable=g-import-not-at-top
-  views = [load(i) for i in image_ids]
-  n, num_attr = len(views), len(info.attributes)
-  images = np.stack([v[0] for v in views for _ in range(num_attr)])
-  hires = np.stack([v[1] for v in views for _ in range(num_attr)])
-  attrs = np.tile(np.arange(num_attr, dtype=np.int32), n)
-  pad = -len(attrs) % jax.device_count()
-  if pad:
-    images, hires, attrs = (np.concatenate([x, np.repeat(x[:1], pad, 0)])
-                            for x in (images, hires, attrs))
-  _, attmap, _ = embed_fn(variables, *parallel.shard_batch(mesh, (images, hires, attrs)))
-  attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
-  attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
-  return viz.attention_grid([v[0] for v in views], attmap, list(info.attributes),
-                            stride=attention_stride(config),
-                            boxes=np.stack([v[2] for v in views]), mark_peaks=True)

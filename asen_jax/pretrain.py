@@ -1,31 +1,14 @@
 """Backbone pretraining by attribute classification: a stand-in for ImageNet weights.
 
-ASEN++ starts both of its backbones from ImageNet. Where no such weights can be had (the
-built-in synthetic garments; nothing downloads here), `pretrain_backbone` trains the backbone
-to classify the attributes of the training split -- one linear head per attribute on the pooled
-last-stage features, cross entropy over the (image, attribute, value) labels of
-label_train.txt -- and writes it as a torchvision-keyed .npz: the file format that
-`config.model.init_backbones.global_file` / `local_file` read, i.e. the way ImageNet weights
-enter. From scratch, triplet training of many attributes at once learns the large ones (colour,
-length) and leaves small details at random-ranking MAP for hundreds of steps; classification
-learns them all within a few hundred steps.
+Where no ImageNet weights can be had (the synthetic demo), `pretrain_backbone` trains the
+backbone to classify the training split's attributes -- one linear head per attribute on the
+pooled last-stage features, cross entropy -- and writes it as a torchvision-keyed .npz, the file
+that `config.model.init_backbones.*_file` reads. Only the backbone is kept: the attention, the
+heads and the attribute table still come from the two ASEN++ stages.
 
-Pooling (`config.pretrain.pooling`):
-  'mean'  global average pooling, as ImageNet classifiers do (the default in configs/common.py).
-          Every cell votes for every attribute, so a garment that covers a quarter of the image
-          is described mostly by the background cells around it, and ASEN++'s attention,
-          started from such a backbone, learned to look there: on the demo, length maxima sat
-          on the background and neckline maxima above the neckline.
-  'mask'  a learned foreground mask (configs/synthetic.py): a 1x1 conv + sigmoid weighs each
-          cell and the heads see the mask-weighted mean, so the cells the mask leaves out (the
-          background) get almost no gradient and describe the background, as ImageNet features
-          do. On the demo (with an ASA width of 64 and Flax's default head initialisation, as
-          the code then was), over three seeds, it put 68-81 % of the attention maxima on their
-          attribute's box (average pooling: 46 % over two; both at receptive-field centres) and
-          raised ASEN++'s MAP; the README's Results has the runs.
-
-Only the labels that ASEN++ trains on are used (the train split), and only for the backbone:
-the attention, embedding heads and the attribute table still come from the two ASEN++ stages.
+Pooling (`config.pretrain.pooling`): 'mean' (global average, as ImageNet classifiers) or 'mask'
+(a learned foreground mask weighs each cell, so background cells get almost no gradient).
+docs/synthetic.md measures what each does to where ASEN++ later looks.
 """
 import hashlib
 import json
@@ -43,7 +26,7 @@ from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import resnet
 from asen_jax.data import builder
-from asen_jax.data import pipeline
+from asen_jax.data import views
 
 NUM_STAGES = 3   # ASEN++ uses ResNets up to layer3
 
@@ -52,8 +35,7 @@ POOLINGS = ("mean", "mask")
 
 
 class AttributeClassifier(nn.Module):
-  """Backbone -> pooling ('mean' or 'mask', see above) -> one linear head per attribute
-  (logits concatenated)."""
+  """Backbone -> pooling (POOLINGS) -> one linear head per attribute (logits concatenated)."""
   backbone_name: str
   width: float
   num_values: tuple
@@ -61,8 +43,6 @@ class AttributeClassifier(nn.Module):
   pooling: str = "mean"
 
   def setup(self):
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"pretrain.pooling must be one of {POOLINGS}, got {self.pooling!r}.")
     self.backbone = resnet.make_backbone(self.backbone_name, NUM_STAGES, self.width,
                                          output_stride=self.output_stride)
     if self.pooling == "mask":
@@ -115,19 +95,6 @@ def label_matrix(rows, num_records, num_attributes):
   return labels
 
 
-def backbone_to_torchvision(variables):
-  """Backbone {'params', 'batch_stats'} -> {torchvision key: numpy array in torch layout}."""
-  out = {}
-  for collection in ("params", "batch_stats"):
-    for key, value in convert.flatten_tree(variables[collection]).items():
-      path = tuple(key.split("/"))
-      value = np.asarray(value, np.float32)
-      if path[-1] == "kernel" and value.ndim == 4:
-        value = value.transpose(3, 2, 0, 1)       # (kh, kw, in, out) -> (out, in, kh, kw)
-      out[convert.flax_to_torch_key(path)] = value
-  return out
-
-
 def _images_for_step(records, seed, step, batch_size):
   """The images of global step `step`: a pure function of (seed, step), so reruns are identical."""
   rng = np.random.default_rng([int(seed), 7, int(step)])
@@ -138,10 +105,10 @@ def pretrain_settings(config, arch=None):
   """Everything besides the data that the weights `pretrain_backbone` writes depend on."""
   p = config.pretrain
   return {"arch": arch or config.model.global_backbone, "width": float(config.model.width),
-          "output_stride": int(config.model.get("global_output_stride", 0) or 0),
+          "output_stride": int(config.model.global_output_stride),
           "image_size": int(config.data.image_size), "steps": int(p.steps),
           "batch_size": int(p.batch_size), "lr": float(p.lr),
-          "pooling": p.get("pooling", "mean"), "seed": int(config.seed)}
+          "pooling": p.pooling, "seed": int(config.seed)}
 
 
 def _file_bytes(path):
@@ -218,12 +185,11 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
   records = np.unique(rows[:, 0])
   table = _value_table(tuple(info.num_values))
   # It sees the global view, so it runs at the global branch's stride (weights do not depend on it).
-  pooling = p.get("pooling", "mean")
-  if pooling not in POOLINGS:
-    raise ValueError(f"config.pretrain.pooling is {pooling!r}; use one of {POOLINGS} "
-                     "(e.g. --config ...:global,pretrain.pooling=mask).")
+  if p.pooling not in POOLINGS:
+    raise ValueError(f"config.pretrain.pooling is {p.pooling!r}; use one of {POOLINGS} "
+                     "(e.g. --config.pretrain.pooling=mask).")
   net = AttributeClassifier(arch, config.model.width, tuple(int(k) for k in info.num_values),
-                            config.model.get("global_output_stride", 0), pooling)
+                            config.model.global_output_stride, p.pooling)
   size = config.data.image_size
   variables = jax.jit(net.init)(jax.random.key(config.seed),
                                 jnp.zeros((1, size, size, 3), jnp.float32))
@@ -258,11 +224,11 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
   def load(step):
     """This process's share of the images of `step` and their [b, A] labels."""
     batch = _images_for_step(records, config.seed, step, p.batch_size)[first:first + local]
-    images = np.stack([pipeline.load_view(source[int(r)]["image"], size, size)[0]
+    images = np.stack([views.load_view(source[int(r)]["image"], size, size)[0]
                        for r in batch])
     return images, labels[batch]
 
-  pipeline.configure_decode_cache(config.data.get("decode_cache_mb", 0))
+  views.configure_decode_cache(config.data.decode_cache_mb)
   bar = tqdm(range(p.steps), desc=f"pretrain {arch}", disable=jax.process_index() != 0)
   upcoming = load(0)
   for step in bar:
@@ -278,7 +244,7 @@ def pretrain_backbone(config, out_path, *, arch=None, log=print):
       counts += np.asarray(jax.device_get(known)).sum(0)
     bar.set_postfix(loss=f"{float(loss):.3f}")
   params, batch_stats, _ = jax.device_get(state)
-  weights = backbone_to_torchvision({"params": params["backbone"],
+  weights = convert.backbone_to_torchvision({"params": params["backbone"],
                                      "batch_stats": batch_stats["backbone"]})
   accuracy = {name: float(100 * hits[a] / max(counts[a], 1))
               for a, name in enumerate(info.attributes)}

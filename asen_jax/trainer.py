@@ -30,6 +30,7 @@ from asen_jax import losses
 from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import roi
+from asen_jax import trees
 
 
 @flax.struct.dataclass
@@ -121,36 +122,18 @@ def make_train_step(config, model, tx, joint, mesh):
   return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def _subtree_merge(target, loaded, keys, source):
-  """Replaces target[k] by loaded[k] for each k, with strict key/shape checks."""
-  out = dict(target)
-  for k in keys:
-    out[k] = convert.strict_merge(target[k], loaded[k], f"{source} [{k}]")
-  return out
-
-
 def load_init_from(path, variables, attributes, joint):
-  """Model variables of a previous run (or official .pth.tar) into a fresh init."""
-  if path.endswith((".pth", ".tar")):
-    loaded, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
-    meta = {"attributes": None, "num_attributes": info["num_attributes"]}
-  else:
-    loaded, meta, _ = ckpt_lib.load_model_variables(path, prefer="latest")
-  names = meta.get("attributes")
-  if names is not None and tuple(names) != tuple(attributes):
-    raise ValueError(f"--init_from {path} was trained on attributes {list(names)}, but the config "
-                     f"has {list(attributes)}; use a checkpoint of the same dataset.")
+  """The model variables of a previous run (or an official .pth.tar) into a fresh init: the
+  shared table and the global branch, and the local branch too when both runs are joint."""
+  loaded, meta = ckpt_lib.load_model(path, prefer="latest")
+  source = f"--init_from {path}"
+  ckpt_lib.check_attributes(meta, attributes, source)
   if "global" not in loaded["params"]:
-    raise ValueError(f"--init_from {path} holds no global branch; pass a stage-1 or stage-2 "
-                     "checkpoint of this project or an official ASEN++ checkpoint.")
-  keys = ["attr_embedding", "global"]
-  if joint and "local" in loaded["params"]:
-    keys.append("local")  # Continue a joint model, e.g. fine-tuning.
-  params = _subtree_merge(variables["params"], loaded["params"], keys, f"--init_from {path}")
-  bs_keys = [k for k in keys if k in variables["batch_stats"]]
-  batch_stats = _subtree_merge(variables["batch_stats"], loaded["batch_stats"], bs_keys,
-                               f"--init_from {path}")
-  return {"params": params, "batch_stats": batch_stats}
+    raise ValueError(f"{source} holds no global branch; pass a stage-1 or stage-2 checkpoint of "
+                     "this project or an official ASEN++ checkpoint.")
+  keep_init = () if joint and "local" in loaded["params"] else ("local/.*",)
+  return {k: trees.merge_params(variables[k], loaded[k], source, dont_load=keep_init)
+          for k in ("params", "batch_stats")}
 
 
 def load_backbones(config, variables, joint, global_too=True):
@@ -160,21 +143,20 @@ def load_backbones(config, variables, joint, global_too=True):
   branches = [("global", files.global_file, config.model.global_backbone)] if global_too else []
   if joint:
     branches.append(("local", files.local_file, config.model.local_backbone))
-  params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+  variables = {k: dict(v) for k, v in variables.items()}
   loaded_any = False
   for branch, path, arch in branches:
     if not path:
       continue
-    bb = convert.load_backbone_file(path, arch, num_stages=3, width=config.model.width)
-    params[branch] = dict(params[branch], backbone=convert.strict_merge(
-        params[branch]["backbone"], bb["params"], path))
-    batch_stats[branch] = dict(batch_stats[branch], backbone=convert.strict_merge(
-        batch_stats[branch]["backbone"], bb["batch_stats"], path))
+    backbone = convert.load_backbone_file(path, arch, num_stages=3, width=config.model.width)
+    for k in ("params", "batch_stats"):
+      variables[k][branch] = dict(variables[k][branch], backbone=trees.merge_params(
+          variables[k][branch]["backbone"], backbone[k], path))
     loaded_any = True
   if not loaded_any and branches:
     logging.warning("No ImageNet backbone weights (config.model.init_backbones): training from "
                     "scratch; results will be far below the paper's.")
-  return {"params": params, "batch_stats": batch_stats}
+  return variables
 
 
 class MetricWriter:
@@ -211,16 +193,31 @@ def build(config):
   return info, model, make_optimizer(config, joint), joint
 
 
-def init_state(config, model, tx, joint, init_from=None, info=None):
-  """Host-side initial TrainState (before any resume)."""
+def _fresh_state(config, model, tx):
   variables = model_lib.init_variables(model, jax.random.key(config.seed),
                                        config.data.image_size, config.model.local_size)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def init_state(config, model, tx, joint, init_from=None, info=None):
+  """Host-side TrainState of a fresh start: initial weights are read here and only here."""
+  state = _fresh_state(config, model, tx)
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
   # ImageNet backbones first (stage 2's local branch needs them too), then the previous stage.
   variables = load_backbones(config, variables, joint, global_too=not init_from)
   if init_from:
     variables = load_init_from(init_from, variables, info.attributes, joint)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  # The optimiser state starts at zero whatever the weights, so it stays as initialised.
+  return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+
+
+def abstract_state(config, model, tx, mesh):
+  """Shapes, dtypes and (replicated) shardings of the TrainState, for a resume: no weights
+  are read and nothing is computed."""
+  rep = parallel.replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                      jax.eval_shape(lambda: _fresh_state(config, model, tx)))
 
 
 def _meta(config, info, step, **extra):
@@ -235,11 +232,9 @@ def check_resumable(workdir, meta, config, info):
   if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
     raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
                      "use a new --workdir for a different stage or dataset.")
-  defaults = model_lib.MODEL_FIELD_DEFAULTS
-  saved = meta.get("model", {})
-  changed = [(f, saved.get(f, defaults.get(f)), config.model.get(f, defaults.get(f)))
-             for f in model_lib.MODEL_FIELDS if f in saved or f in defaults]
-  changed = [(f, old, new) for f, old, new in changed if old != new]
+  saved = {**model_lib.MODEL_FIELD_DEFAULTS, **meta.get("model", {})}
+  changed = [(f, saved[f], config.model[f]) for f in model_lib.MODEL_FIELDS
+             if f in saved and saved[f] != config.model[f]]
   if changed:
     was = ", ".join(f"model.{f}={old!r}" for f, old, _ in changed)
     now = ", ".join(f"{new!r}" for _, _, new in changed)
@@ -268,13 +263,11 @@ def train_and_evaluate(config, workdir, init_from=None):
   loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
                                       shard_count=jax.process_count())
   data_iter = iter(loader)
-  state = init_state(config, model, tx, joint, None if ckpts.latest_step() is not None
-                     else init_from, info)
-  state = parallel.replicate(mesh, state)
   best_map = -1.0
-  if ckpts.latest_step() is not None:
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            state)
+  if ckpts.latest_step() is None:
+    state = parallel.replicate(mesh, init_state(config, model, tx, joint, init_from, info))
+  else:
+    abstract = abstract_state(config, model, tx, mesh)
     variables, opt, data_iter, meta = ckpts.restore_latest(
         {"params": abstract.params, "batch_stats": abstract.batch_stats},
         {"step": abstract.step, "opt_state": abstract.opt_state}, data_iter)

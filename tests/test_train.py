@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import convert
 from asen_jax import data as data_lib
+from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import trainer
 from tests.tiny_synthetic import make_data, tiny_config, TINY
@@ -54,11 +56,13 @@ def test_one_step_same_on_1_and_8_devices(data_root, stage):
   assert _max_rel_diff(s1.params, host_state.params) > 1e-4
 
 
-def _train_cli(data_root, workdir, max_steps, extra=""):
-  arg = (f"global,{TINY},data.root='{data_root}',data.tfds_dir='{data_root}/tfds',"
-         f"train.max_steps={max_steps},train.log_every=1,train.checkpoint_every=100{extra}")
+def _train_cli(data_root, workdir, max_steps):
+  """train.py with ml_collections' own --config.<field>=<value> overrides."""
+  fields = {**TINY, "data.root": data_root, "data.tfds_dir": f"{data_root}/tfds",
+            "train.max_steps": max_steps, "train.log_every": 1, "train.checkpoint_every": 100}
   cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-         f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}:{arg}", f"--workdir={workdir}"]
+         f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}:global",
+         f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
   return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -95,7 +99,7 @@ def test_stage2_starts_from_stage1_and_uses_two_learning_rates(data_root, tmp_pa
   ckpt_lib.save_model_variables(str(tmp_path / "s1"), {"params": s1.params,
                                                        "batch_stats": s1.batch_stats},
                                 {"attributes": list(info.attributes), "stage": "global"})
-  config = tiny_config(data_root, "joint", "train.lr=1e-3,train.lr_global=1e-5")
+  config = tiny_config(data_root, "joint", {"train.lr": 1e-3, "train.lr_global": 1e-5})
   _, model, tx, joint = trainer.build(config)
   state = jax.device_get(
       trainer.init_state(config, model, tx, joint, init_from=str(tmp_path / "s1"), info=info))
@@ -128,16 +132,17 @@ def test_init_from_other_attributes_is_one_sentence(data_root, tmp_path):
 
 
 def test_batch_size_not_divisible_by_devices(data_root, tmp_path):
-  config = tiny_config(data_root, "global", "train.batch_size=12")
+  config = tiny_config(data_root, "global", {"train.batch_size": 12})
   with pytest.raises(ValueError, match=r"train.batch_size=12 is not divisible by the 8 devices"):
     trainer.train_and_evaluate(config, str(tmp_path / "w"))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
   workdir = str(tmp_path / "w")
-  good = tiny_config(data_root, "global", "train.max_steps=2,train.log_every=1")
+  good = tiny_config(data_root, "global", {"train.max_steps": 2, "train.log_every": 1})
   trainer.train_and_evaluate(good, workdir)
-  bad = tiny_config(data_root, "global", "train.max_steps=4,train.log_every=1,train.lr=1e999")
+  bad = tiny_config(data_root, "global",
+                    {"train.max_steps": 4, "train.log_every": 1, "train.lr": 1e999})
   with pytest.raises(FloatingPointError, match="Non-finite loss or update at step 3 or earlier"):
     trainer.train_and_evaluate(bad, workdir)
   variables, _, step = ckpt_lib.load_model_variables(workdir, prefer="latest")
@@ -147,10 +152,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_pat
 
 def test_resume_with_another_model_shape_is_one_sentence(data_root, tmp_path):
   workdir = str(tmp_path / "w")
-  trainer.train_and_evaluate(tiny_config(data_root, "global", "train.max_steps=1"), workdir)
+  trainer.train_and_evaluate(tiny_config(data_root, "global", {"train.max_steps": 1}), workdir)
   with open(os.path.join(workdir, "config.json")) as f:
     saved = f.read()
-  wider = tiny_config(data_root, "global", "train.max_steps=2,model.global_common_dim=24")
+  wider = tiny_config(data_root, "global",
+                      {"train.max_steps": 2, "model.global_common_dim": 24})
   with pytest.raises(ValueError, match=r"holds a run with model.global_common_dim=16, but the "
                      r"config has 24; use a new --workdir .* add model.global_common_dim=16"):
     trainer.train_and_evaluate(wider, workdir)
@@ -158,5 +164,26 @@ def test_resume_with_another_model_shape_is_one_sentence(data_root, tmp_path):
     assert f.read() == saved   # the run's own config is kept
   # With the saved shape it continues.
   trainer.train_and_evaluate(
-      tiny_config(data_root, "global", "train.max_steps=2,model.global_common_dim=16"), workdir)
+      tiny_config(data_root, "global", {"train.max_steps": 2, "model.global_common_dim": 16}),
+      workdir)
   assert ckpt_lib.load_model_variables(workdir, prefer="latest")[2] == 2
+
+
+def test_resume_does_not_read_the_initial_weights_again(data_root, tmp_path):
+  """Initial weights are read on a fresh start only: the run resumes with the file gone."""
+  config = tiny_config(data_root, "global")
+  _, model, _, _ = trainer.build(config)
+  variables = model_lib.init_variables(model, jax.random.key(5), 32, 32)
+  backbone = str(tmp_path / "backbone.npz")
+  np.savez(backbone, **convert.backbone_to_torchvision(
+      {k: variables[k]["global"]["backbone"] for k in ("params", "batch_stats")}))
+  workdir = str(tmp_path / "w")
+  first = tiny_config(data_root, "global", {"train.max_steps": 1,
+                                            "model.init_backbones.global_file": backbone})
+  trainer.train_and_evaluate(first, workdir)
+  os.remove(backbone)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    trainer.init_state(first, model, trainer.make_optimizer(first, False), False)
+  first.train.max_steps = 2
+  state = trainer.train_and_evaluate(first, workdir)
+  assert int(state.step) == 2
