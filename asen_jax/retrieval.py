@@ -1,4 +1,4 @@
-"""Attribute-specific retrieval metrics: MAP, random-ranking MAP, pointing accuracy.
+"""Attribute-specific retrieval metrics: MAP and random-ranking MAP.
 
 MAP protocol (ASEN/ASEN++): queries and candidates are grouped by attribute; each
 query is ranked against ALL candidates of its attribute by dot product; a candidate
@@ -31,7 +31,7 @@ import numpy as np
 # --------------------------------------------------------------------------- #
 
 
-def _labels(x: Any, name: str, n: int | None = None) -> np.ndarray:
+def check_labels(x: Any, name: str, n: int | None = None) -> np.ndarray:
   arr = np.asarray(x)
   if arr.ndim != 1:
     raise ValueError(f"{name} must be a 1-D array of integers, got shape {arr.shape}.")
@@ -45,7 +45,7 @@ def _labels(x: Any, name: str, n: int | None = None) -> np.ndarray:
   return arr.astype(np.int64)
 
 
-def _mask(mask: Any, name: str, n: int) -> np.ndarray:
+def check_mask(mask: Any, name: str, n: int) -> np.ndarray:
   if mask is None:
     return np.ones((n,), bool)
   arr = np.asarray(mask)
@@ -66,7 +66,8 @@ def _embeddings(x: Any, name: str) -> jax.Array:
   return emb
 
 
-def _check_attrs(attr: np.ndarray, valid: np.ndarray, name: str, num_attributes: int | None):
+def check_attribute_range(attr: np.ndarray, valid: np.ndarray, name: str,
+                          num_attributes: int | None):
   a = attr[valid]
   if a.size and a.min() < 0:
     raise ValueError(f"{name} holds a negative attribute index ({a.min()}) in an unmasked row; "
@@ -121,7 +122,8 @@ def _round_up(x: int, m: int) -> int:
 
 
 def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, cand_val, *,
-                      query_mask=None, cand_mask=None, chunk_size: int = 256) -> np.ndarray:
+                      query_mask=None, cand_mask=None, chunk_size: int = 256,
+                      num_attributes: int | None = None) -> np.ndarray:
   """Per-query AP under the ASEN protocol -> float64 [Q] (NaN for masked-out queries).
 
   Args:
@@ -129,6 +131,7 @@ def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, can
     query_attr, query_val / cand_attr, cand_val: int [Q] / [N] attribute and value indices.
     query_mask, cand_mask: optional bool [Q] / [N]; False rows (eval padding) are ignored.
     chunk_size: queries scored at once; bounds memory to chunk_size x max candidates per attribute.
+    num_attributes: when given, attribute indices must lie below it.
   """
   if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
@@ -138,14 +141,14 @@ def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, can
     raise ValueError(f"query_emb has dimension {q_emb.shape[1]} but cand_emb has "
                      f"{c_emb.shape[1]}; embed both with the same model and mode.")
   num_q, num_c = q_emb.shape[0], c_emb.shape[0]
-  q_attr = _labels(query_attr, "query_attr", num_q)
-  q_val = _labels(query_val, "query_val", num_q)
-  c_attr = _labels(cand_attr, "cand_attr", num_c)
-  c_val = _labels(cand_val, "cand_val", num_c)
-  q_ok = _mask(query_mask, "query_mask", num_q)
-  c_ok = _mask(cand_mask, "cand_mask", num_c)
-  _check_attrs(q_attr, q_ok, "query_attr", None)
-  _check_attrs(c_attr, c_ok, "cand_attr", None)
+  q_attr = check_labels(query_attr, "query_attr", num_q)
+  q_val = check_labels(query_val, "query_val", num_q)
+  c_attr = check_labels(cand_attr, "cand_attr", num_c)
+  c_val = check_labels(cand_val, "cand_val", num_c)
+  q_ok = check_mask(query_mask, "query_mask", num_q)
+  c_ok = check_mask(cand_mask, "cand_mask", num_c)
+  check_attribute_range(q_attr, q_ok, "query_attr", num_attributes)
+  check_attribute_range(c_attr, c_ok, "cand_attr", num_attributes)
 
   ap_q = np.full((num_q,), np.nan, np.float64)
   if not q_ok.any():
@@ -193,7 +196,7 @@ def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, can
 def _summarise(ap_q: np.ndarray, q_attr: np.ndarray, q_ok: np.ndarray, num_attributes: int,
                attribute_names: Sequence[str] | None, key: str) -> dict[str, Any]:
   """Per-attribute and query-weighted overall means, in percent."""
-  names = _names(attribute_names, num_attributes)
+  names = attribute_names_list(attribute_names, num_attributes)
   per_attr, counts = {}, {}
   for a, name in enumerate(names):
     sel = q_ok & (q_attr == a)
@@ -207,7 +210,7 @@ def _summarise(ap_q: np.ndarray, q_attr: np.ndarray, q_ok: np.ndarray, num_attri
           "num_queries": counts}
 
 
-def _names(attribute_names, num_attributes: int) -> list[str]:
+def attribute_names_list(attribute_names, num_attributes: int) -> list[str]:
   if not isinstance(num_attributes, (int, np.integer)) or num_attributes < 1:
     raise ValueError(f"num_attributes must be a positive integer, got {num_attributes!r}.")
   if attribute_names is None:
@@ -229,16 +232,13 @@ def mean_average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr
 
   Attributes without queries report count 0 and NaN MAP and carry no weight.
   """
-  names = _names(attribute_names, num_attributes)
-  q_attr = _labels(query_attr, "query_attr")
-  c_attr = _labels(cand_attr, "cand_attr")
-  q_ok = _mask(query_mask, "query_mask", q_attr.shape[0])
-  c_ok = _mask(cand_mask, "cand_mask", c_attr.shape[0])
-  _check_attrs(q_attr, q_ok, "query_attr", num_attributes)
-  _check_attrs(c_attr, c_ok, "cand_attr", num_attributes)
-  ap_q = average_precision(query_emb, q_attr, query_val, cand_emb, c_attr, cand_val,
-                           query_mask=q_ok, cand_mask=c_ok, chunk_size=chunk_size)
-  return _summarise(ap_q, q_attr, q_ok, num_attributes, names, "map")
+  names = attribute_names_list(attribute_names, num_attributes)
+  ap_q = average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, cand_val,
+                           query_mask=query_mask, cand_mask=cand_mask, chunk_size=chunk_size,
+                           num_attributes=num_attributes)
+  # Only masked-out queries have no AP.
+  return _summarise(ap_q, np.asarray(query_attr).astype(np.int64), ~np.isnan(ap_q),
+                    num_attributes, names, "map")
 
 
 def expected_random_ap(num_candidates, num_relevant) -> np.ndarray:
@@ -269,15 +269,15 @@ def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attribute
   Returns the overall value as a float, or with `per_attribute=True` a dict laid out like
   mean_average_precision's (map_overall, map_per_attribute, num_queries).
   """
-  names = _names(attribute_names, num_attributes)
-  q_attr = _labels(query_attr, "query_attr")
-  q_val = _labels(query_val, "query_val", q_attr.shape[0])
-  c_attr = _labels(cand_attr, "cand_attr")
-  c_val = _labels(cand_val, "cand_val", c_attr.shape[0])
-  q_ok = _mask(query_mask, "query_mask", q_attr.shape[0])
-  c_ok = _mask(cand_mask, "cand_mask", c_attr.shape[0])
-  _check_attrs(q_attr, q_ok, "query_attr", num_attributes)
-  _check_attrs(c_attr, c_ok, "cand_attr", num_attributes)
+  names = attribute_names_list(attribute_names, num_attributes)
+  q_attr = check_labels(query_attr, "query_attr")
+  q_val = check_labels(query_val, "query_val", q_attr.shape[0])
+  c_attr = check_labels(cand_attr, "cand_attr")
+  c_val = check_labels(cand_val, "cand_val", c_attr.shape[0])
+  q_ok = check_mask(query_mask, "query_mask", q_attr.shape[0])
+  c_ok = check_mask(cand_mask, "cand_mask", c_attr.shape[0])
+  check_attribute_range(q_attr, q_ok, "query_attr", num_attributes)
+  check_attribute_range(c_attr, c_ok, "cand_attr", num_attributes)
   # Count candidates per attribute and per (attribute, value) pair.
   n_per_attr = np.bincount(c_attr[c_ok], minlength=num_attributes)
   _, dense = np.unique(np.concatenate([q_val, c_val]), return_inverse=True)
@@ -295,120 +295,6 @@ def random_ranking_map(query_attr, query_val, cand_attr, cand_val, num_attribute
   return res if per_attribute else res["map_overall"]
 
 
-# --------------------------------------------------------------------------- #
-# Pointing accuracy of attention maps.
-# --------------------------------------------------------------------------- #
-
-
-def cell_centres(n: int, stride: float | None = None):
-  """Centres of the n cells along one axis of an attention map, in [0, 1] view coordinates.
-
-  stride=None: where a bilinear resize with half-pixel centres (PyTorch's align_corners=False,
-  the paper's way of drawing a map) puts cell i, (i + 0.5) / n.
-  stride=s: where cell i of a network with s view pixels per cell actually looks, the centre of
-  its receptive field. With symmetric padding at every strided layer (torchvision's ResNets, and
-  ours) that is view pixel s * i, so (i + 0.5 / s) / n: 3.5 view pixels up and left of the
-  drawing convention at s = 8, 7.5 at s = 16 (tests/test_resnet.py checks it on the backbones).
-  """
-  return (jnp.arange(n, dtype=jnp.float32) + cell_offset(stride)) / n
-
-
-def cell_offset(stride: float | None = None) -> float:
-  """Where a cell's centre sits inside it, in cells: 0.5 drawn, 0.5 / stride at its receptive
-  field's centre (see `cell_centres`; viz.upsample_bilinear places maps with the same rule)."""
-  return 0.5 if stride is None else 0.5 / stride
-
-
-def pointing_hits(attmap_bhw, boxes_b4, stride: float | None = None):
-  """Jittable: (hit_b, has_box_b) -- does the argmax cell's centre fall inside the box?
-
-  Cell centres are `cell_centres(., stride)` in [0, 1] view coordinates; boxes are (x0, y0, x1,
-  y1) in the same coordinates, edges inclusive. Ties in the map go to the first cell in
-  row-major order. A box of all -1 means "no box".
-  """
-  attmap_bhw = jnp.asarray(attmap_bhw)
-  boxes_b4 = jnp.asarray(boxes_b4, jnp.float32)
-  b, h, w = attmap_bhw.shape
-  idx = jnp.argmax(attmap_bhw.reshape(b, h * w), axis=1)
-  x = cell_centres(w, stride)[idx % w]
-  y = cell_centres(h, stride)[idx // w]
-  has_box = ~jnp.all(boxes_b4 == -1, axis=1)
-  inside = ((x >= boxes_b4[:, 0]) & (x <= boxes_b4[:, 2]) &
-            (y >= boxes_b4[:, 1]) & (y <= boxes_b4[:, 3]))
-  return inside & has_box, has_box
-
-
-def pointing_accuracy(attmap_bhw, boxes_b4, attributes_b, num_attributes: int, mask=None,
-                      attribute_names: Sequence[str] | None = None,
-                      stride: float | None = None, values_b=None,
-                      value_names: Sequence[Sequence[str]] | None = None) -> dict[str, Any]:
-  """Share (%) of (image, attribute) pairs whose attention maximum lies in the GT box.
-
-  `stride` (view pixels per map cell) places each cell at its receptive field's centre; None
-  at the drawing convention's (see `cell_centres`).
-
-  Returns dict(pointing_overall=%, pointing_per_attribute={name: %}, num_pairs={name: int});
-  rows with an all -1 box or mask False are ignored; NaN where there are no pairs.
-  With `values_b` (each row's value of its attribute) it also returns, per attribute and value
-  (named by `value_names[a][v]`, else the value's index), pointing_per_value={name: {value: %}}
-  and peak_per_value={name: {value: median of the map's maximum over the uniform level 1/(H W)}}:
-  a value whose maps have no clear peak (about 1-4) gets its maximum wherever noise puts it.
-  """
-  names = _names(attribute_names, num_attributes)
-  att = np.asarray(attmap_bhw)
-  boxes = np.asarray(boxes_b4, np.float64)
-  if att.ndim != 3:
-    raise ValueError(f"attmap_bhw must have shape [B, H, W], got {att.shape}.")
-  b = att.shape[0]
-  if boxes.shape != (b, 4):
-    raise ValueError(f"boxes_b4 must have shape ({b}, 4) to match attmap_bhw, got {boxes.shape}.")
-  attr = _labels(attributes_b, "attributes_b", b)
-  ok = _mask(mask, "mask", b)
-  has_box = ~np.all(boxes == -1, axis=1)
-  used = ok & has_box
-  _check_attrs(attr, used, "attributes_b", num_attributes)
-  bad = used & ((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]) |
-                np.any(boxes < 0, axis=1) | np.any(boxes > 1, axis=1))
-  if bad.any():
-    i = int(np.flatnonzero(bad)[0])
-    raise ValueError(f"boxes_b4 row {i} is {boxes[i].tolist()}; boxes must be (x0, y0, x1, y1) "
-                     "in [0, 1] with x0 <= x1 and y0 <= y1, or all -1 for no box.")
-  hit, _ = pointing_hits(att, boxes.astype(np.float32), stride)
-  hit = np.asarray(hit)
-  by_value = values_b is not None
-  if by_value:
-    val = _labels(values_b, "values_b", b)
-    if value_names is not None and len(value_names) != num_attributes:
-      raise ValueError(f"value_names has {len(value_names)} lists but num_attributes is "
-                       f"{num_attributes}; give one list of value names per attribute.")
-    peak = att.reshape(b, -1).max(axis=1) * (att.shape[1] * att.shape[2])
-  per_attr, counts, per_value, peak_value = {}, {}, {}, {}
-  for a, name in enumerate(names):
-    sel = used & (attr == a)
-    counts[name] = int(sel.sum())
-    per_attr[name] = float(100.0 * hit[sel].mean()) if counts[name] else float("nan")
-    if not by_value:
-      continue
-    present = np.unique(val[sel])
-    if value_names is not None:
-      bad_v = present[(present < 0) | (present >= len(value_names[a]))]
-      if bad_v.size:
-        raise ValueError(f"values_b has value {int(bad_v[0])} for attribute {name!r}, which has "
-                         f"{len(value_names[a])} value names; the labels and the names disagree.")
-    per_value[name], peak_value[name] = {}, {}
-    for v in present:
-      key = str(value_names[a][v]) if value_names is not None else str(int(v))
-      sel_v = sel & (val == v)
-      per_value[name][key] = float(100.0 * hit[sel_v].mean())
-      peak_value[name][key] = float(np.median(peak[sel_v]))
-  overall = float(100.0 * hit[used].mean()) if used.any() else float("nan")
-  out = {"pointing_overall": overall, "pointing_per_attribute": per_attr, "num_pairs": counts}
-  if by_value:
-    out.update(pointing_per_value=per_value, peak_per_value=peak_value)
-  return out
-
-
 __all__ = [
     "average_precision", "mean_average_precision", "expected_random_ap", "random_ranking_map",
-    "cell_centres", "cell_offset", "pointing_hits", "pointing_accuracy",
 ]

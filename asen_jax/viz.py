@@ -1,14 +1,18 @@
-"""Retrieval pictures: attention heatmaps, query/top-k panels, attribute grids (PIL + numpy)."""
+"""Pictures: attention heatmaps, query/top-k panels, attribute grids, and those of an evaluation."""
 
 from __future__ import annotations
 
 import os
 from typing import Sequence
 
+import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from asen_jax import retrieval
+from asen_jax import parallel
+from asen_jax import pointing
+from asen_jax.data import builder
+from asen_jax.data import views
 
 RELEVANT_COLOUR = (0, 200, 0)
 IRRELEVANT_COLOUR = (220, 0, 0)
@@ -35,13 +39,13 @@ def jet_colormap(t) -> np.ndarray:
 def upsample_bilinear(map_hw, out_h: int, out_w: int, stride: float | None = None) -> np.ndarray:
   """Bilinear resize with edge clamping. stride=None: half-pixel centres (PyTorch
   align_corners=False); stride=s: each cell sits at its receptive field's centre, s network-view
-  pixels per cell (retrieval.cell_centres), whatever the output size."""
+  pixels per cell (pointing.cell_centres), whatever the output size."""
   m = np.asarray(map_hw, np.float32)
   if m.ndim != 2:
     raise ValueError(f"attention map must be 2-D [H, W], got shape {m.shape}.")
   h, w = m.shape
 
-  offset = retrieval.cell_offset(stride)
+  offset = pointing.cell_offset(stride)
 
   def axis(n_in, n_out):
     src = (np.arange(n_out, dtype=np.float32) + 0.5) * (n_in / n_out) - offset
@@ -166,10 +170,10 @@ def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Se
 
 def _draw_peak(draw, attmap, placement, offset, stride, arm=4):
   """A white '+' with a dark outline on the map's maximum, placed as `upsample_bilinear` places
-  its cell (the point that `retrieval.pointing_hits` tests against the box)."""
+  its cell (the point that `pointing.pointing_hits` tests against the box)."""
   m = np.asarray(attmap, np.float32)
   i, j = np.unravel_index(int(np.argmax(m)), m.shape)   # first maximum, as pointing_hits
-  off = retrieval.cell_offset(stride)
+  off = pointing.cell_offset(stride)
   ox, oy, new_w, new_h = placement
   x = offset[0] + ox + (j + off) / m.shape[1] * new_w
   y = offset[1] + oy + (i + off) / m.shape[0] * new_h
@@ -242,7 +246,73 @@ def save_panel(panel: Image.Image, path) -> str:
   return path
 
 
-__all__ = [
-    "jet_colormap", "upsample_bilinear", "heatmap_overlay", "retrieval_panel", "attention_grid",
-    "save_panel", "tile_origin",
-]
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _split_images(config, split):
+  """image_id -> (view, hires, boxes) loader for one split: uint8 images, and float32 [A, 4]
+  ground-truth boxes in [0, 1] view coordinates (all -1 where unknown)."""
+  source = builder.split_source(config, split)
+  index = builder.record_index(config, split)
+
+  def load(image_id):
+    record = source[int(index[int(image_id)])]
+    view, hires = views.load_view(record["image"], config.data.image_size,
+                                     config.data.hires_size)
+    w, h = int(record["width"]), int(record["height"])
+    boxes = np.stack([views.box_to_view(b, w, h) for b in np.asarray(record["boxes"])])
+    return view, hires, boxes
+  return load
+
+
+def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3, top_k=6,
+                   variables=None, embed_fn=None, mesh=None, grid_images=4):
+  """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths."""
+  os.makedirs(viz_dir, exist_ok=True)
+  load = _split_images(config, split)
+  frame = float(config.data.image_size)
+  paths = []
+  for a, name in enumerate(info.attributes):
+    q_rows = np.flatnonzero(queries.attribute == a)[:per_attribute]
+    c_rows = np.flatnonzero(cands.attribute == a)
+    for q in q_rows:
+      scores = cands.emb[c_rows] @ queries.emb[q]
+      order = np.argsort(-scores, kind="stable")[:top_k]
+      top = c_rows[order]
+      value_name = info.value_names[a][queries.value[q]] if info.value_names else queries.value[q]
+      gt = queries.gt_box[q] if (queries.gt_box[q] >= 0).all() else None
+      panel = retrieval_panel(
+          load(queries.image_id[q])[0], queries.attmap[q], queries.box[q] / frame,
+          [load(cands.image_id[c])[0] for c in top], list(cands.value[top] == queries.value[q]),
+          [float(s) for s in scores[order]],
+          f"{name} = {value_name}   (query {int(queries.image_id[q])}, {split})", gt_box=gt,
+          stride=pointing.attention_stride(config))
+      path = os.path.join(viz_dir, f"{name}_query{int(queries.image_id[q])}.png")
+      save_panel(panel, path)
+      paths.append(path)
+  if embed_fn is not None and grid_images:
+    ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
+    path = os.path.join(viz_dir, "attention_grid.png")
+    save_panel(model_attention_grid(config, variables, embed_fn, mesh, load, ids, info), path)
+    paths.append(path)
+  return paths
+
+
+def model_attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
+  """Where each attribute looks: images x attributes heatmaps of the global branch, with each
+  attribute's ground-truth box and each map's maximum."""
+  views = [load(i) for i in image_ids]
+  n, num_attr = len(views), len(info.attributes)
+  images = np.stack([v[0] for v in views for _ in range(num_attr)])
+  hires = np.stack([v[1] for v in views for _ in range(num_attr)])
+  attrs = np.tile(np.arange(num_attr, dtype=np.int32), n)
+  pad = -len(attrs) % jax.device_count()
+  if pad:
+    images, hires, attrs = (np.concatenate([x, np.repeat(x[:1], pad, 0)])
+                            for x in (images, hires, attrs))
+  _, attmap, _ = embed_fn(variables, *parallel.shard_batch(mesh, (images, hires, attrs)))
+  attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
+  attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
+  return attention_grid([v[0] for v in views], attmap, list(info.attributes),
+                        stride=pointing.attention_stride(config),
+                        boxes=np.stack([v[2] for v in views]), mark_peaks=True)

@@ -69,7 +69,7 @@ def test_loads_from_saved_file(backbone, tmp_path, ext):
 def test_resnet18_all_four_stages_small_width():
   net = tr.random_resnet("resnet18", num_stages=4, width=0.25, seed=5)
   variables = convert.torchvision_to_backbone(net.state_dict(), "resnet18", 4, 0.25)
-  flax_net = resnet.resnet18(num_stages=4, width=0.25)
+  flax_net = resnet.make_backbone("resnet18", num_stages=4, width=0.25)
   x = np.random.RandomState(1).randn(3, 65, 65, 3).astype(np.float32)
   out = np.asarray(flax_net.apply(variables, x))
   assert out.shape == (3, 3, 3, 128)
@@ -79,7 +79,7 @@ def test_resnet18_all_four_stages_small_width():
 def test_train_mode_uses_batch_statistics_like_torch():
   net = tr.random_resnet("resnet34", width=0.25, seed=7)
   variables = convert.torchvision_to_backbone(net.state_dict(), "resnet34", 3, 0.25)
-  flax_net = resnet.resnet34(width=0.25)
+  flax_net = resnet.make_backbone("resnet34", width=0.25)
   x = np.random.RandomState(2).randn(4, 48, 48, 3).astype(np.float32)
   out, updates = flax_net.apply(variables, x, train=True, mutable=["batch_stats"])
   net.train()
@@ -116,7 +116,7 @@ def test_param_counts_match_facts():
 
 
 def test_bad_backbone_name():
-  with pytest.raises(ValueError, match=r"Unknown backbone 'resnet101'; use one of resnet18, "):
+  with pytest.raises(ValueError, match=r"'resnet101' is not a known backbone"):
     resnet.make_backbone("resnet101")
 
 
@@ -139,14 +139,13 @@ def test_output_stride_8_is_layer3_at_stride_1(arch):
 
 
 def test_bad_output_stride():
-  with pytest.raises(ValueError, match=r"output_stride 32 is not possible for a ResNet with 3 "
-                                       r"stages; use 0 \(torchvision's\) or one of \(4, 8, 16\)"):
+  with pytest.raises(ValueError, match=r"output stride 32 is not possible .* \(4, 8, 16\)"):
     resnet.make_backbone("resnet18", output_stride=32)
 
 
 @pytest.mark.parametrize("arch,output_stride", [("resnet18", 8), ("resnet50", 0)])
 def test_receptive_field_of_cell_i_is_centred_on_view_pixel_stride_times_i(arch, output_stride):
-  # retrieval.cell_centres and viz.upsample_bilinear(stride=...) rest on this: with symmetric
+  # pointing.cell_centres and viz.upsample_bilinear(stride=...) rest on this: with symmetric
   # padding, cell i of the layer3 map sees input pixels centred on pixel stride * i (not on
   # stride * i + (stride - 1) / 2, where a half-pixel upsampling of the map draws it).
   size = 320
