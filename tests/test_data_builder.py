@@ -12,10 +12,11 @@ from asen_jax import data as data_lib
 from asen_jax.data import builder
 from asen_jax.data import synthetic
 from configs import common
+from configs import fashionai
 
 
 def _config(root, tfds_dir, name="synthetic", folder="Synthetic"):
-  c = common.base_config("global")
+  c = fashionai.get_config("global") if name == "fashionai" else common.base_config("global")
   c.data.name, c.data.root, c.data.folder, c.data.tfds_dir = name, str(root), folder, str(tfds_dir)
   return c
 
@@ -86,14 +87,17 @@ def test_dataset_info(built, tmp_path):
   assert info.attributes == ("colour", "length", "pattern", "neckline", "button")
   assert info.num_values == (6, 4, 4, 4, 4)
   assert info.value_names[3] == ("crew", "crew_ribbed", "scoop", "scoop_ribbed")
-  # Public datasets: the built-in lists, which the shipped configs must match.
-  from configs import darn, deepfashion, fashionai   # pylint: disable=g-import-not-at-top
+  # Public datasets: the lists of their configs (the paper's counts).
+  from configs import darn, deepfashion   # pylint: disable=g-import-not-at-top
   for mod, n_attr, total in ((fashionai, 8, 54), (darn, 9, 185), (deepfashion, 5, 1000)):
     c = mod.get_config("global")
     c.data.tfds_dir = str(tmp_path)   # nothing built there
     info = data_lib.dataset_info(c)
     assert len(info.attributes) == n_attr and sum(info.num_values) == total
     assert info.attributes == tuple(c.data.attributes)
+  c.data.attributes = ()
+  with pytest.raises(ValueError, match=r"set data.attributes and data.num_values"):
+    data_lib.dataset_info(c)
   built.data.num_values = (6, 4, 4, 4, 5)
   try:
     with pytest.raises(ValueError, match=re.escape(

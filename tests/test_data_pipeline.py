@@ -14,6 +14,7 @@ from asen_jax import data as data_lib
 from asen_jax.data import builder
 from asen_jax.data import pipeline
 from asen_jax.data import synthetic
+from asen_jax.data import views
 from configs import common
 
 S, R, B = 32, 64, 4
@@ -58,7 +59,7 @@ def test_load_view_matches_resize_then_centre_crop():
   """Parity with torchvision-style Resize(shorter side) + CenterCrop on an integral offset."""
   rng = np.random.default_rng(0)
   img = rng.integers(0, 256, size=(200, 300, 3), dtype=np.uint8)   # H=200, W=300
-  view, hires = pipeline.load_view(_png(img), 100, 200)
+  view, hires = views.load_view(_png(img), 100, 200)
   pil = Image.fromarray(img)
   ref_view = np.asarray(pil.resize((150, 100), Image.Resampling.BILINEAR))[:, 25:125]
   ref_hires = np.asarray(pil.resize((300, 200), Image.Resampling.BILINEAR))[:, 50:250]
@@ -70,9 +71,9 @@ def test_load_view_matches_resize_then_centre_crop():
 def test_load_view_and_box_share_the_field_of_view():
   img = np.full((300, 200, 3), 255, np.uint8)        # portrait: W=200, H=300
   img[120:200, 60:140] = 0                           # box (60, 120, 140, 200) in pixels
-  box = pipeline.box_to_view([60, 120, 140, 200], 200, 300)
+  box = views.box_to_view([60, 120, 140, 200], 200, 300)
   np.testing.assert_allclose(box, [0.3, 0.35, 0.7, 0.75], atol=1e-6)   # crop rows 50..250
-  view, hires = pipeline.load_view(_png(img), 40, 80)
+  view, hires = views.load_view(_png(img), 40, 80)
   for arr, n in ((view, 40), (hires, 80)):
     x0, y0, x1, y1 = (box * n).round().astype(int)          # (12, 14, 28, 30) at 40 px
     assert arr[y0 + 1:y1 - 1, x0 + 1:x1 - 1].max() == 0      # inside: black
@@ -82,10 +83,10 @@ def test_load_view_and_box_share_the_field_of_view():
   gray = Image.fromarray(img[..., 0]).convert("L")
   buf = io.BytesIO()
   gray.save(buf, format="JPEG")
-  assert pipeline.load_view(buf.getvalue(), 16, 32)[0].shape == (16, 16, 3)
-  np.testing.assert_array_equal(pipeline.box_to_view([-1, -1, -1, -1], 10, 10), [-1] * 4)
+  assert views.load_view(buf.getvalue(), 16, 32)[0].shape == (16, 16, 3)
+  np.testing.assert_array_equal(views.box_to_view([-1, -1, -1, -1], 10, 10), [-1] * 4)
   # A box poking out of the crop is clipped to it.
-  np.testing.assert_allclose(pipeline.box_to_view([0, 0, 100, 60], 200, 300), [0, 0, 0.5, 0.05])
+  np.testing.assert_allclose(views.box_to_view([0, 0, 100, 60], 200, 300), [0, 0, 0.5, 0.05])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +171,7 @@ def test_train_batches_are_the_sampled_triplets(cfg):
       for slot, r in enumerate(records):
         rec = src[r]
         assert rec["labels"][a] == (vp if slot < 2 else vn)
-        view, hires = pipeline.load_view(rec["image"], S, R)
+        view, hires = views.load_view(rec["image"], S, R)
         np.testing.assert_array_equal(batch["images"][j, slot], view)
         np.testing.assert_array_equal(batch["hires"][j, slot], hires)
 
@@ -247,11 +248,11 @@ def test_eval_stream_every_line_once_with_padding(cfg):
   for j in (0, n - 1):
     fid, a, _ = lines[j]
     with open(os.path.join(folder, names[fid]), "rb") as f:
-      view, hires = pipeline.load_view(f.read(), S, R)
+      view, hires = views.load_view(f.read(), S, R)
     np.testing.assert_array_equal(got["image"][j], view)
     np.testing.assert_array_equal(got["hires"][j], hires)
     w, h = meta["splits"]["test"]["image_size_wh"][fid]
-    np.testing.assert_allclose(got["box"][j], pipeline.box_to_view(
+    np.testing.assert_allclose(got["box"][j], views.box_to_view(
         meta["splits"]["test"]["boxes"][fid][a], w, h), atol=1e-5)
   assert np.all(got["box"][mask] >= 0) and np.all(got["box"][~mask] == -1)
   assert np.all(got["image"][~mask] == 0)
@@ -279,14 +280,14 @@ def test_eval_stream_shards_cover_all_lines(cfg):
 def test_decode_cache_gives_the_same_views_and_keeps_to_its_budget():
   rng = np.random.default_rng(3)
   images = [_png(rng.integers(0, 256, size=(40 + i, 50, 3), dtype=np.uint8)) for i in range(6)]
-  fresh = [pipeline.load_view(b, 16, 32) for b in images]   # no cache: decoded each time
-  pipeline.configure_decode_cache(0)                         # empty, whatever ran before
-  cache = pipeline.configure_decode_cache(1)                 # 1 MB: holds all six (4.6 kB each)
+  fresh = [views.load_view(b, 16, 32) for b in images]   # no cache: decoded each time
+  views.configure_decode_cache(0)                         # empty, whatever ran before
+  cache = views.configure_decode_cache(1)                 # 1 MB: holds all six (4.6 kB each)
   misses, hits = cache.misses, cache.hits                    # counters run for the process
   try:
     for _ in range(2):
       for b, (view, hires) in zip(images, fresh):
-        v, h = pipeline.load_view(b, 16, 32)
+        v, h = views.load_view(b, 16, 32)
         np.testing.assert_array_equal(v, view)
         np.testing.assert_array_equal(h, hires)
         assert not v.flags.writeable
@@ -296,9 +297,9 @@ def test_decode_cache_gives_the_same_views_and_keeps_to_its_budget():
     assert cache.bytes == 0
     cache.max_bytes = 2 * (16 * 16 + 32 * 32) * 3
     for b in images:
-      pipeline.load_view(b, 16, 32)
+      views.load_view(b, 16, 32)
     assert cache.bytes == cache.max_bytes and len(cache._views) == 2
-    pipeline.load_view(images[-1], 16, 32)
+    views.load_view(images[-1], 16, 32)
     assert cache.hits - hits == 7
   finally:
-    pipeline.configure_decode_cache(0)
+    views.configure_decode_cache(0)
