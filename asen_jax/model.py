@@ -147,31 +147,19 @@ MODEL_FIELD_DEFAULTS = {"global_output_stride": 0}   # the paper's stride
 
 def build_model(model_config, num_attributes, with_local, dtype=None):
   """ASENPP from a `config.model` ConfigDict (configs/common.py); dtype defaults to compute_dtype."""
-  for field in ("global_backbone", "local_backbone"):
-    name = model_config[field]
-    if name not in resnet.ARCHS:
-      raise ValueError(f"config.model.{field} = {name!r} is not a known backbone; "
-                       f"use one of {', '.join(sorted(resnet.ARCHS))}.")
-  if not model_config.width > 0:
-    raise ValueError(f"config.model.width must be > 0, got {model_config.width}.")
+  resnet.check_backbone(model_config.global_backbone, model_config.width,
+                        model_config.global_output_stride, field="config.model.global_backbone")
+  resnet.check_backbone(model_config.local_backbone, field="config.model.local_backbone")
   if int(num_attributes) < 1:
     raise ValueError(f"The model needs at least one attribute, got num_attributes={num_attributes}.")
-  if dtype is None:
-    dtype = model_config.get("compute_dtype", "float32")
+  dtype = model_config.compute_dtype if dtype is None else dtype
   try:
     dtype = jnp.dtype(dtype)
   except TypeError:
     raise ValueError(f"config.model.compute_dtype = {dtype!r} is not a dtype; "
                      "use 'float32' or 'bfloat16'.") from None
-  # Configs and checkpoints from before the field existed mean the paper's stride.
-  stride = model_config.get("global_output_stride", MODEL_FIELD_DEFAULTS["global_output_stride"])
-  if stride and stride not in resnet.output_strides(3):
-    raise ValueError(f"config.model.global_output_stride = {stride!r} is not possible for a "
-                     f"backbone to layer3; use 0 (the paper's 16) or one of "
-                     f"{resnet.output_strides(3)}.")
-  kwargs = {f: model_config[f] for f in MODEL_FIELDS if f != "global_output_stride"}
   return ASENPP(num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
-                global_output_stride=int(stride), **kwargs)
+                **{f: model_config[f] for f in MODEL_FIELDS})
 
 
 def init_variables(model, rng, image_size=224, local_size=112):

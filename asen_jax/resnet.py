@@ -31,15 +31,10 @@ def scaled_channels(channels, width):
 
 def output_channels(name, num_stages=3, width=1.0):
   """Channels of the last stage's output (1024 for resnet50 to layer3, 256 for resnet18/34)."""
-  _, block = _arch(name)
+  check_backbone(name, width, num_stages=num_stages)
+  _, block = ARCHS[name]
   planes = scaled_channels(BASE_PLANES[num_stages - 1], width)
   return planes * (4 if block == "bottleneck" else 1)
-
-
-def _arch(name):
-  if name not in ARCHS:
-    raise ValueError(f"Unknown backbone {name!r}; use one of {', '.join(sorted(ARCHS))}.")
-  return ARCHS[name]
 
 
 def _pad(k):
@@ -135,31 +130,28 @@ def output_strides(num_stages=3):
   return tuple(4 * 2 ** k for k in range(num_stages))
 
 
+def check_backbone(name, width=1.0, output_stride=0, num_stages=3, field="backbone"):
+  """One ValueError naming `field` for an unknown arch, a width <= 0 or an impossible stride."""
+  if name not in ARCHS:
+    raise ValueError(f"{field} = {name!r} is not a known backbone; use one of "
+                     f"{', '.join(sorted(ARCHS))}.")
+  if not 1 <= num_stages <= 4:
+    raise ValueError(f"{field} {name}: num_stages must be in 1..4, got {num_stages}.")
+  if not width > 0:
+    raise ValueError(f"{field} {name}: the width must be > 0, got {width}.")
+  strides = output_strides(num_stages)
+  if output_stride and output_stride not in strides:
+    raise ValueError(f"{field} {name}: output stride {output_stride!r} is not possible for a "
+                     f"backbone to layer{num_stages}; use 0 (torchvision's {strides[-1]}) or one "
+                     f"of {strides}.")
+
+
 def make_backbone(name, num_stages=3, width=1.0, dtype=jnp.float32, output_stride=0, **kwargs):
   """ResNet `name` ('resnet18'|'resnet34'|'resnet50') truncated after `num_stages` stages.
 
   output_stride: 0 for torchvision's (16 to layer3), or a smaller one of `output_strides()`:
   the stages past it run at stride 1 (same weights, so pretrained files load unchanged).
   """
-  stage_sizes, block = _arch(name)
-  if not 1 <= num_stages <= 4:
-    raise ValueError(f"num_stages must be in 1..4, got {num_stages}.")
-  if not width > 0:
-    raise ValueError(f"Backbone width must be > 0, got {width}.")
-  if output_stride and output_stride not in output_strides(num_stages):
-    raise ValueError(f"output_stride {output_stride} is not possible for a ResNet with "
-                     f"{num_stages} stages; use 0 (torchvision's) or one of "
-                     f"{output_strides(num_stages)}.")
+  check_backbone(name, width, output_stride, num_stages)
+  stage_sizes, block = ARCHS[name]
   return ResNet(stage_sizes, block, num_stages, width, dtype, output_stride, **kwargs)
-
-
-def resnet18(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
-  return make_backbone("resnet18", num_stages, width, dtype, **kwargs)
-
-
-def resnet34(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
-  return make_backbone("resnet34", num_stages, width, dtype, **kwargs)
-
-
-def resnet50(num_stages=3, width=1.0, dtype=jnp.float32, **kwargs):
-  return make_backbone("resnet50", num_stages, width, dtype, **kwargs)

@@ -151,8 +151,3 @@ def roi_crops(attmap_bhw, images_bhwc, frame_size, out_size, threshold):
                        f"{images_bhwc.shape[0]} images; pass one map per image.")
   boxes = attention_boxes(attmap_bhw, frame_size, threshold)
   return crop_and_resize(images_bhwc, boxes, frame_size, out_size), boxes
-
-
-def boxes_to_unit(boxes_b4, frame_size):
-  """Boxes in frame pixels -> fractions of the frame side (for drawing on any resolution)."""
-  return jnp.asarray(boxes_b4, jnp.float32) / frame_size

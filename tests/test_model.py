@@ -9,6 +9,7 @@ import torch
 
 from asen_jax import convert
 from asen_jax import model as model_lib
+from asen_jax import trees
 from configs import common
 from tests import torch_reference as tr
 
@@ -81,9 +82,9 @@ def test_heads_start_as_the_official_pytorch_modules_do():
   ref, _ = convert.official_to_variables(tr.ASENPP(8, **kw).state_dict(), "reference")
   model = model_lib.build_model(model_config(**kw), 8, with_local=True)
   init = model_lib.init_variables(model, jax.random.key(0), 64, 32)
-  ref_flat = convert.flatten_tree(ref["params"])
+  ref_flat = trees.flatten_tree(ref["params"])
   checked = []
-  for key, value in convert.flatten_tree(init["params"]).items():
+  for key, value in trees.flatten_tree(init["params"]).items():
     if "/backbone/" in key or np.size(value) < 256:
       continue
     ratio = float(np.std(np.asarray(value)) / np.std(ref_flat[key]))
@@ -214,8 +215,7 @@ def test_embed_local_needs_local_branch():
 
 @pytest.mark.parametrize("field", ["global_backbone", "local_backbone"])
 def test_bad_backbone_name(field):
-  with pytest.raises(ValueError, match=rf"config.model.{field} = 'resnet101' is not a known "
-                                       r"backbone; use one of resnet18, resnet34, resnet50\."):
+  with pytest.raises(ValueError, match=rf"config.model.{field} = 'resnet101' is not a known"):
     model_lib.build_model(model_config(**{field: "resnet101"}), 8, with_local=True)
 
 
@@ -233,16 +233,11 @@ def test_global_output_stride_8_doubles_the_attention_map():
   assert out_coarse["global"][1].shape == (2, 6, 6)
   np.testing.assert_array_equal(out_fine["local"][0], out_coarse["local"][0])
   assert out_fine["local"][1].shape == (2, 4, 4)
-  # Checkpoint metadata from before the field existed builds the paper's stride.
-  old = model_config(width=0.25)
-  del old["global_output_stride"]
-  assert model_lib.build_model(old, 2, True).global_output_stride == 0
 
 
 def test_bad_global_output_stride():
-  with pytest.raises(ValueError, match=r"config.model.global_output_stride = 32 is not possible "
-                                       r"for a backbone to layer3; use 0 \(the paper's 16\) or "
-                                       r"one of \(4, 8, 16\)\."):
+  with pytest.raises(ValueError, match=r"config.model.global_backbone .*output stride 32 is not "
+                                       r"possible"):
     model_lib.build_model(model_config(global_output_stride=32), 8, with_local=True)
 
 
