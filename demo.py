@@ -1,6 +1,6 @@
 """The whole ASEN++ job on the built-in synthetic garments, end to end, on a CPU.
 
-  python demo.py [--workdir runs/demo] [--data_root data] [--pretrain]
+  python demo.py [--workdir runs/demo] [--data_root data] [--pretrain] [--overrides seed=1]
 
 Generates <data_root>/Synthetic (unless it exists), builds the tfds dataset, takes the stand-in
 for ImageNet weights (assets/synthetic_backbone.npz when its record matches the config and the
@@ -16,12 +16,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from configs import common
+from configs import synthetic
+
 _WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run folder of the two stages.")
 _DATA_ROOT = flags.DEFINE_string("data_root", "data", "Folder that holds (or gets) Synthetic/.")
 _PRETRAIN = flags.DEFINE_bool("pretrain", False, "Pretrain the backbone (2-3 minutes) even where "
                                "the shipped one (assets/synthetic_backbone.npz) fits.")
-_OVERRIDES = flags.DEFINE_string("overrides", "", "Extra config overrides for both stages, "
-                                 "e.g. 'train.max_steps=50' for a quick look.")
+_OVERRIDES = flags.DEFINE_string("overrides", "", "Config overrides for both stages, "
+                                 "e.g. 'seed=1' or 'train.max_steps=50' for a quick look.")
 
 
 def main(argv):
@@ -29,17 +32,19 @@ def main(argv):
   # The tqdm bars show progress; orbax's per-checkpoint warnings and the 'no ImageNet weights'
   # note (the demo trains from scratch on purpose) would only bury them.
   logging.set_verbosity(logging.ERROR)
-  from asen_jax import demo  # pylint: disable=g-import-not-at-top
+  from asen_jax import end_to_end  # pylint: disable=g-import-not-at-top
   try:
-    results = demo.run_demo(_WORKDIR.value, _DATA_ROOT.value, overrides=_OVERRIDES.value,
-                            force_pretrain=_PRETRAIN.value)
+    configs = synthetic.demo_configs(_DATA_ROOT.value,
+                                     os.path.join(_WORKDIR.value, "backbone.npz"),
+                                     common.parse_overrides(_OVERRIDES.value))
+    results = end_to_end.run_demo(*configs, _WORKDIR.value, force_pretrain=_PRETRAIN.value)
   except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:
     raise SystemExit(f"demo.py: {e}") from None
   print()
   print("Test-split MAP (%) on the synthetic garments. global: the stage-1 model; ASEN++: the "
         "joint model (beta-fused global + local);\nASEN++ global branch: the joint model without "
         "its local branch.")
-  print(demo.format_demo_table(results))
+  print(end_to_end.format_demo_table(results))
   pictures = os.path.join(_WORKDIR.value, "pictures")
   print(f"\nPictures: {pictures}/attention_grid.png and one retrieval panel per query in "
         f"{pictures}/; numbers, with pointing per attribute value: "

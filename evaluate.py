@@ -15,8 +15,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<stage>[,k=v]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
+    lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoint folder or .pth.tar.")
 _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluate.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")

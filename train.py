@@ -9,8 +9,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<stage>[,k=v]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, config.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Stage-1 workdir/checkpoint (or an official "
                                  ".pth.tar) whose model variables initialise this run.")

@@ -1,4 +1,4 @@
-"""The end-to-end demo on the built-in synthetic garments (used by the repo-root demo.py).
+"""The whole ASEN++ job on the built-in synthetic garments, step by step (behind demo.py).
 
 generate data -> build the tfds dataset -> the backbone (the stand-in for ImageNet weights,
 which cannot be downloaded here: the one shipped in assets/, or pretrained by attribute
@@ -20,18 +20,6 @@ from asen_jax import retrieval
 from asen_jax import trainer
 from asen_jax.data import builder
 from asen_jax.data import synthetic
-from configs import synthetic as synthetic_config
-
-
-def demo_configs(data_root, backbone_file, overrides=""):
-  """(global, joint) synthetic configs: data in <data_root>/Synthetic, tfds in <data_root>/tfds,
-  both backbones initialised from `backbone_file` (the pretrained stand-in for ImageNet)."""
-  paths = f"data.root='{data_root}',data.tfds_dir='{os.path.join(data_root, 'tfds')}'"
-  init = {"global": f"model.init_backbones.global_file='{backbone_file}'",
-          "joint": f"model.init_backbones.local_file='{backbone_file}'"}
-  extra = f",{overrides}" if overrides else ""
-  return tuple(synthetic_config.get_config(f"{stage},{paths},{init[stage]}{extra}")
-               for stage in ("global", "joint"))
 
 
 def ensure_data(data_root, workers=2):
@@ -137,13 +125,14 @@ def _jsonable(x):
   return x
 
 
-def run_demo(workdir, data_root, overrides="", split="test", viz_queries=2, force_pretrain=False,
+def run_demo(config_g, config_j, workdir, split="test", viz_queries=2, force_pretrain=False,
              shipped_backbone=SHIPPED_BACKBONE):
-  """Runs every step of the demo; returns the results dict (also written to results.json)."""
+  """Runs every step of the demo with its stage-1 and stage-2 configs (configs/synthetic.py's
+  demo_configs, both backbones from <workdir>/backbone.npz); returns the results dict (also
+  written to results.json)."""
   t_start = time.time()
-  ensure_data(data_root)
-  backbone_file = os.path.join(workdir, "backbone.npz")
-  config_g, config_j = demo_configs(data_root, backbone_file, overrides)
+  ensure_data(config_g.data.root)
+  backbone_file = config_g.model.init_backbones.global_file
   print("Building the tfds dataset (once) ...", flush=True)
   data_lib.prepare_dataset(config_g)
   timings = {}

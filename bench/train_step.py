@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asen_jax import model as model_lib  # noqa: E402
 from asen_jax import parallel  # noqa: E402
 from asen_jax import trainer  # noqa: E402
+from asen_jax.data import synthetic as synthetic_data  # noqa: E402
 from configs import fashionai  # noqa: E402
 from configs import synthetic  # noqa: E402
 
@@ -29,16 +30,15 @@ _STEPS = flags.DEFINE_integer("steps", 5, "timed steps after the first (compilin
 _BATCH = flags.DEFINE_integer("batch_size", 16, "triplets per step")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on GPU/TPU)")
 
-# Synthetic attribute lists, so that no dataset has to exist for the benchmark.
-_SYNTHETIC_ATTRS = ("colour", "length", "pattern", "neckline", "button")
-
 
 def bench(size, stage):
   if size == "paper":
     config = fashionai.get_config(stage)
   else:
     config = synthetic.get_config(stage)
-    config.data.attributes, config.data.num_values = _SYNTHETIC_ATTRS, (6, 4, 4, 4, 4)
+    # The generator's attribute lists, so that no dataset has to exist for the benchmark.
+    config.data.attributes = synthetic_data.ATTRIBUTES
+    config.data.num_values = tuple(len(v) for v in synthetic_data.VALUE_NAMES)
   config.train.batch_size = _BATCH.value
   config.model.compute_dtype = _DTYPE.value
   joint = stage == "joint"

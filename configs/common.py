@@ -1,7 +1,8 @@
 """Shared config pieces: the ASEN++ base config and the `:arg` parser.
 
-Every dataset config is `get_config(arg)` with `arg` = `global` or `joint`, optionally
-followed by `key=value` overrides, e.g. `configs/fashionai.py:joint,train.batch_size=32`.
+Every dataset config is `get_config(arg)` with `arg` = `global` or `joint`. Fields are
+overridden with ml_collections' own flags, `--config.train.batch_size=32`; `:joint,key=value`
+works too.
 """
 import ast
 
@@ -12,12 +13,17 @@ STAGES = ("global", "joint")
 
 def parse_arg(arg):
   """Splits 'stage,key=value,...' into (stage, {key: value})."""
-  parts = [p for p in (arg or "global").split(",") if p]
-  stage, overrides = parts[0], {}
+  stage, _, rest = (arg or "global").partition(",")
   if stage not in STAGES:
     raise ValueError(f"Config stage must be one of {STAGES}, got {stage!r}; "
                      "use e.g. configs/fashionai.py:global or :joint.")
-  for part in parts[1:]:
+  return stage, parse_overrides(rest)
+
+
+def parse_overrides(text):
+  """'key=value,...' -> {key: value}; values are Python literals, else plain strings."""
+  overrides = {}
+  for part in (p for p in text.split(",") if p):
     if "=" not in part:
       raise ValueError(f"Config override {part!r} is not of the form key=value.")
     key, value = part.split("=", 1)
@@ -26,7 +32,7 @@ def parse_arg(arg):
     except (ValueError, SyntaxError):
       pass  # Plain strings stay strings.
     overrides[key] = value
-  return stage, overrides
+  return overrides
 
 
 def apply_overrides(config, overrides):

@@ -12,7 +12,7 @@ from asen_jax import trainer
 from asen_jax.data import synthetic
 from tests.tiny_synthetic import make_data, tiny_config
 
-PRETRAIN = "pretrain.batch_size=16,pretrain.steps=3"
+PRETRAIN = {"pretrain.batch_size": 16, "pretrain.steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_pooling_by_hand():
 
 
 def test_pretrain_rejects_unknown_pooling(data_root, tmp_path):
-  config = tiny_config(data_root, "global", PRETRAIN + ",pretrain.pooling='max'")
+  config = tiny_config(data_root, "global", {**PRETRAIN, "pretrain.pooling": "max"})
   with pytest.raises(ValueError, match="pretrain.pooling is 'max'; use one of"):
     pretrain.pretrain_backbone(config, str(tmp_path / "backbone.npz"))
 
@@ -79,7 +79,7 @@ def test_torchvision_export_round_trips():
   net = resnet.make_backbone("resnet18", 3, 0.25)
   variables = net.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)))
   variables = jax.tree.map(lambda x: x + jax.random.uniform(jax.random.key(2), x.shape), variables)
-  sd = pretrain.backbone_to_torchvision(variables)
+  sd = convert.backbone_to_torchvision(variables)
   assert sd["conv1.weight"].shape == (16, 3, 7, 7)            # torch layout (out, in, kh, kw)
   assert "layer2.0.downsample.1.running_var" in sd
   back = convert.torchvision_to_backbone(sd, "resnet18", 3, 0.25)
@@ -96,7 +96,7 @@ def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
   file_vars = convert.load_backbone_file(out, "resnet18", 3, 0.0625)
 
   # Stage 1 starts its global backbone from the file.
-  config_g = tiny_config(data_root, "global", f"model.init_backbones.global_file='{out}'")
+  config_g = tiny_config(data_root, "global", {"model.init_backbones.global_file": out})
   info, model, tx, joint = trainer.build(config_g)
   state = trainer.init_state(config_g, model, tx, joint, info=info)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["global"]["backbone"]),
@@ -107,7 +107,7 @@ def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
   ckpt_dir = str(tmp_path / "stage1")
   ckpt_lib.save_model_variables(ckpt_dir, stage1, {"attributes": list(info.attributes),
                                                    "stage": "global"})
-  config_j = tiny_config(data_root, "joint", f"model.init_backbones.local_file='{out}'")
+  config_j = tiny_config(data_root, "joint", {"model.init_backbones.local_file": out})
   info, model, tx, joint = trainer.build(config_j)
   state_j = trainer.init_state(config_j, model, tx, joint, init_from=ckpt_dir, info=info)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state_j.params["local"]["backbone"]),
@@ -122,7 +122,7 @@ def test_pretrained_file_initialises_both_branches(data_root, tmp_path):
 def test_mask_pooled_pretraining_writes_a_plain_backbone(data_root, tmp_path):
   # The mask's 1x1 conv is pretraining's own, like the heads: the file holds the backbone only
   # (load_backbone_file refuses extra keys).
-  config = tiny_config(data_root, "global", PRETRAIN + ",pretrain.pooling='mask'")
+  config = tiny_config(data_root, "global", {**PRETRAIN, "pretrain.pooling": "mask"})
   out = str(tmp_path / "backbone.npz")
   accuracy = pretrain.pretrain_backbone(config, out, log=lambda s: None)
   assert set(accuracy) == set(synthetic.ATTRIBUTES)

@@ -7,8 +7,8 @@ Trains config.model.global_backbone (or --arch) at config.data.image_size on the
 split's attribute labels for config.pretrain.steps steps and writes a torchvision-keyed .npz,
 with a .json record next to it (settings, sha256 of the training split and of the weights).
 Pass it to both stages as ImageNet weights would be:
-  --config configs/synthetic.py:global,model.init_backbones.global_file='<file>'
-  --config configs/synthetic.py:joint,model.init_backbones.local_file='<file>'
+  --config configs/synthetic.py:global --config.model.init_backbones.global_file=<file>
+  --config configs/synthetic.py:joint --config.model.init_backbones.local_file=<file>
 Only for datasets without ImageNet weights at hand (the synthetic demo); with real weights,
 convert them with tools/convert_torchvision.py instead.
 """
@@ -21,8 +21,9 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<dataset>.py:<stage>[,k=v]",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
+    lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the backbone (.npz).")
 _ARCH = flags.DEFINE_string("arch", None, "Backbone (default: config.model.global_backbone).")
 flags.mark_flags_as_required(["config", "output"])
