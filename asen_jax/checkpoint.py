@@ -79,16 +79,18 @@ def load_model(path, prefer="best"):
   of this project, or an official ASEN++ `.pth.tar` (stage 1 or 2, architecture read off the
   keys). meta always has: stage ('global'|'joint'), model (the shape fields of config.model),
   attributes (None for official files, which hold only their count), num_attributes, step
-  (None for official files) and source.
+  (None for official files), bn_stats (train.bn_stats that trained it) and source.
   """
   path = os.fspath(path)
   if path.endswith(OFFICIAL_SUFFIXES):
     variables, info = convert.official_to_variables(convert.read_weight_file(path), source=path)
     meta = {"stage": "joint" if info["stage"] == 2 else "global", "model": info["model"],
-            "attributes": None, "num_attributes": info["num_attributes"], "step": None}
+            "attributes": None, "num_attributes": info["num_attributes"], "step": None,
+            "bn_stats": "per_role"}   # the official trainer's three forwards
   else:
     variables, meta, step = load_model_variables(path, prefer)
     meta = dict(meta, step=step, num_attributes=len(meta["attributes"]))
+    meta.setdefault("bn_stats", "batch")   # checkpoints from before the field
     # Fields newer than the checkpoint take the value they had before they existed.
     meta["model"] = {**model_lib.MODEL_FIELD_DEFAULTS, **meta.get("model", {})}
   meta["source"] = path

@@ -30,7 +30,7 @@ def _to_numpy(value):
     value = value.detach().cpu()
     if str(value.dtype) == "torch.bfloat16":
       value = value.float()
-    return value.numpy()
+    return value.numpy().copy()   # never alias the tensor: torch may update it in place
   return np.asarray(value)
 
 

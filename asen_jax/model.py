@@ -80,10 +80,11 @@ class Branch(nn.Module):
   embed_dim: int
   dtype: Any = jnp.float32
   output_stride: int = 0   # 0: torchvision's (16)
+  bn_roles: int = 1        # resnet.RoleBatchNorm
 
   def setup(self):
     self.backbone = resnet.make_backbone(self.backbone_name, 3, self.width, self.dtype,
-                                         self.output_stride)
+                                         self.output_stride, bn_roles=self.bn_roles)
     self.head = AttnEmbedding(self.common_dim, self.reduction, self.embed_dim, self.dtype)
 
   def __call__(self, images_bhwc, attr_bd, train=False):
@@ -105,6 +106,8 @@ class ASENPP(nn.Module):
   global_output_stride: int = 0
   with_local: bool = True
   dtype: Any = jnp.float32
+  # Training-mode BatchNorm statistics per role (3: anchor, positive, negative) or per batch (1).
+  bn_roles: int = 1
 
   def setup(self):
     self.attr_embedding = nn.Embed(self.num_attributes, self.attr_dim,
@@ -112,10 +115,11 @@ class ASENPP(nn.Module):
     # Explicit names: 'global' is a Python keyword, so it cannot be an attribute name.
     self.global_branch = Branch(self.global_backbone, self.width, self.global_common_dim,
                                 self.reduction, self.embed_dim, self.dtype,
-                                self.global_output_stride, name="global")
+                                self.global_output_stride, self.bn_roles, name="global")
     if self.with_local:
       self.local_branch = Branch(self.local_backbone, self.width, self.local_common_dim,
-                                 self.reduction, self.embed_dim, self.dtype, name="local")
+                                 self.reduction, self.embed_dim, self.dtype,
+                                 bn_roles=self.bn_roles, name="local")
 
   def embed_global(self, images_bhwc, attributes_b, train=False):
     """Normalised (B, H, W, 3) images, int (B,) attributes -> (emb_bd, attmap_bhw) float32."""
@@ -145,8 +149,9 @@ MODEL_FIELDS = ("global_backbone", "local_backbone", "width", "attr_dim", "globa
 MODEL_FIELD_DEFAULTS = {"global_output_stride": 0}   # the paper's stride
 
 
-def build_model(model_config, num_attributes, with_local, dtype=None):
-  """ASENPP from a `config.model` ConfigDict (configs/common.py); dtype defaults to compute_dtype."""
+def build_model(model_config, num_attributes, with_local, dtype=None, bn_roles=1):
+  """ASENPP from a `config.model` ConfigDict (configs/common.py); dtype defaults to compute_dtype;
+  bn_roles 3 for the training BatchNorm of train.bn_stats='per_role'."""
   resnet.check_backbone(model_config.global_backbone, model_config.width,
                         model_config.global_output_stride, field="config.model.global_backbone")
   resnet.check_backbone(model_config.local_backbone, field="config.model.local_backbone")
@@ -159,7 +164,7 @@ def build_model(model_config, num_attributes, with_local, dtype=None):
     raise ValueError(f"config.model.compute_dtype = {dtype!r} is not a dtype; "
                      "use 'float32' or 'bfloat16'.") from None
   return ASENPP(num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
-                **{f: model_config[f] for f in MODEL_FIELDS})
+                bn_roles=bn_roles, **{f: model_config[f] for f in MODEL_FIELDS})
 
 
 def init_variables(model, rng, image_size=224, local_size=112):

@@ -10,6 +10,7 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 # Blocks per stage and block type; only the first `num_stages` stages are built.
@@ -37,6 +38,44 @@ def output_channels(name, num_stages=3, width=1.0):
   return planes * (4 if block == "bottleneck" else 1)
 
 
+class RoleBatchNorm(nn.BatchNorm):
+  """BatchNorm that, in training, normalises each of `roles` equal parts of the batch with its
+  own statistics and updates the running averages once per part, in order, with the unbiased
+  variance: what `roles` separate PyTorch forwards do (the official trainer's anchor, positive,
+  negative). roles=1 and inference are flax's BatchNorm, unchanged."""
+  roles: int = 1
+
+  @nn.compact
+  def __call__(self, x):
+    if self.use_running_average or self.roles == 1:
+      return super().__call__(x)
+    c = x.shape[-1]
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    xr = x.reshape((self.roles, x.shape[0] // self.roles) + x.shape[1:]).astype(jnp.float32)
+    axes = tuple(range(1, xr.ndim - 1))
+    mean = xr.mean(axes, keepdims=True)
+    var = jnp.square(xr - mean).mean(axes, keepdims=True)   # two passes, as PyTorch
+    y = (xr - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    if not self.is_initializing():
+      n = xr.size // (self.roles * c)
+      mean_r, var_r = mean.reshape(self.roles, c), var.reshape(self.roles, c) * n / max(n - 1, 1)
+      m, v = ra_mean.value, ra_var.value
+      for r in range(self.roles):
+        m = self.momentum * m + (1 - self.momentum) * mean_r[r]
+        v = self.momentum * v + (1 - self.momentum) * var_r[r]
+      ra_mean.value, ra_var.value = m, v
+    return y.reshape(x.shape).astype(self.dtype or x.dtype)
+
+
+def batch_norm(train, dtype, roles=1, **kwargs):
+  """torchvision's BatchNorm2d (momentum 0.1, eps 1e-5); `roles` as in RoleBatchNorm."""
+  return RoleBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                       roles=roles, **kwargs)
+
+
 def _pad(k):
   # PyTorch pads k x k convs (k odd) by k // 2 on every side.
   return ((k // 2, k // 2), (k // 2, k // 2))
@@ -47,13 +86,13 @@ class BasicBlock(nn.Module):
   planes: int
   strides: int = 1
   dtype: Any = jnp.float32
+  bn_roles: int = 1
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles)
     s = (self.strides, self.strides)
     y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -70,13 +109,13 @@ class Bottleneck(nn.Module):
   planes: int
   strides: int = 1
   dtype: Any = jnp.float32
+  bn_roles: int = 1
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles)
     out = self.planes * self.expansion
     s = (self.strides, self.strides)
     y = conv(self.planes, (1, 1), padding="VALID", name="conv1")(x)
@@ -101,6 +140,7 @@ class ResNet(nn.Module):
   # Input size / output size. torchvision's is 4 * 2**(num_stages - 1) (16 to layer3); a smaller
   # one keeps the later stages at stride 1 (same weights, a finer map, more compute).
   output_stride: int = 0      # 0: torchvision's
+  bn_roles: int = 1           # RoleBatchNorm: 3 normalises anchors, positives, negatives apart
 
   @nn.compact
   def __call__(self, x_bhwc, train=False):
@@ -110,8 +150,7 @@ class ResNet(nn.Module):
     x = jnp.asarray(x_bhwc, self.dtype)
     x = nn.Conv(scaled_channels(64, self.width), (7, 7), (2, 2), padding=_pad(7),
                 use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv1")(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=self.dtype, name="bn1")(x)
+    x = batch_norm(train, self.dtype, self.bn_roles, name="bn1")(x)
     x = nn.relu(x)
     # Pooling pads with -inf (reduce_window's init value), as PyTorch's max-pool does.
     x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
@@ -121,7 +160,8 @@ class ResNet(nn.Module):
       for i in range(self.stage_sizes[stage]):
         strides = 2 if (stage > 0 and i == 0 and stride < target) else 1
         stride *= strides
-        x = block_cls(planes, strides, self.dtype, name=f"layer{stage + 1}_{i}")(x, train)
+        x = block_cls(planes, strides, self.dtype, self.bn_roles,
+                      name=f"layer{stage + 1}_{i}")(x, train)
     return x
 
 

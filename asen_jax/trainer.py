@@ -23,14 +23,13 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from asen_jax import checkpoint as ckpt_lib
-from asen_jax import convert
 from asen_jax import data as data_lib
 from asen_jax import evaluation
 from asen_jax import losses
 from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import roi
-from asen_jax import trees
+from asen_jax import warm_start
 
 
 @flax.struct.dataclass
@@ -76,23 +75,34 @@ def _roles(x):
   return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
 
 
-def compute_loss(params, batch_stats, batch, *, model, config, joint):
-  """Returns (loss, (metrics, new batch_stats)) for a batch of triplets."""
+def global_pass(params, batch_stats, batch, model):
+  """Train-mode global branch on a batch of triplets, role-major:
+  (embeddings [3B, E] float32, attention maps [3B, h, w], attributes [3B], new batch_stats)."""
   attrs = jnp.tile(batch["attribute"], 3)
   images = model_lib.normalize_images(_roles(batch["images"]))
   (g, attmap), upd = model.apply({"params": params, "batch_stats": batch_stats}, images, attrs,
                                  train=True, method="embed_global", mutable=["batch_stats"])
-  g = g.astype(jnp.float32)
-  g_apn = jnp.split(g, 3)
-  loss_g = losses.triplet_margin_loss(*g_apn, margin=config.train.margin)
-  if not joint:
-    return loss_g, ({"loss": loss_g, "loss_global": loss_g}, upd["batch_stats"])
+  return g.astype(jnp.float32), attmap, attrs, upd["batch_stats"]
+
+
+def local_crops(attmap, batch, config):
+  """The RoI crops [3B, s, s, 3] (0-255 float32) that the global attention picks, role-major."""
   crops, _ = roi.roi_crops(jax.lax.stop_gradient(attmap), _roles(batch["hires"]),
                            config.data.image_size, config.model.local_size,
                            config.model.roi_threshold)
-  (l, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]},
-                            model_lib.normalize_images(crops), attrs, train=True,
-                            method="embed_local", mutable=["batch_stats"])
+  return crops
+
+
+def compute_loss(params, batch_stats, batch, *, model, config, joint):
+  """Returns (loss, (metrics, new batch_stats)) for a batch of triplets."""
+  g, attmap, attrs, batch_stats = global_pass(params, batch_stats, batch, model)
+  g_apn = jnp.split(g, 3)
+  loss_g = losses.triplet_margin_loss(*g_apn, margin=config.train.margin)
+  if not joint:
+    return loss_g, ({"loss": loss_g, "loss_global": loss_g}, batch_stats)
+  (l, _), upd = model.apply({"params": params, "batch_stats": batch_stats},
+                            model_lib.normalize_images(local_crops(attmap, batch, config)), attrs,
+                            train=True, method="embed_local", mutable=["batch_stats"])
   l_apn = jnp.split(l.astype(jnp.float32), 3)
   loss_l = losses.triplet_margin_loss(*l_apn, margin=config.train.margin)
   loss_a = losses.alignment_loss(g_apn, l_apn)
@@ -122,43 +132,6 @@ def make_train_step(config, model, tx, joint, mesh):
   return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-def load_init_from(path, variables, attributes, joint):
-  """The model variables of a previous run (or an official .pth.tar) into a fresh init: the
-  shared table and the global branch, and the local branch too when both runs are joint."""
-  loaded, meta = ckpt_lib.load_model(path, prefer="latest")
-  source = f"--init_from {path}"
-  ckpt_lib.check_attributes(meta, attributes, source)
-  if "global" not in loaded["params"]:
-    raise ValueError(f"{source} holds no global branch; pass a stage-1 or stage-2 checkpoint of "
-                     "this project or an official ASEN++ checkpoint.")
-  keep_init = () if joint and "local" in loaded["params"] else ("local/.*",)
-  return {k: trees.merge_params(variables[k], loaded[k], source, dont_load=keep_init)
-          for k in ("params", "batch_stats")}
-
-
-def load_backbones(config, variables, joint, global_too=True):
-  """Converted ImageNet backbones named in config.model.init_backbones, if any (the global one
-  only when `global_too`: with --init_from the previous stage provides it)."""
-  files = config.model.init_backbones
-  branches = [("global", files.global_file, config.model.global_backbone)] if global_too else []
-  if joint:
-    branches.append(("local", files.local_file, config.model.local_backbone))
-  variables = {k: dict(v) for k, v in variables.items()}
-  loaded_any = False
-  for branch, path, arch in branches:
-    if not path:
-      continue
-    backbone = convert.load_backbone_file(path, arch, num_stages=3, width=config.model.width)
-    for k in ("params", "batch_stats"):
-      variables[k][branch] = dict(variables[k][branch], backbone=trees.merge_params(
-          variables[k][branch]["backbone"], backbone[k], path))
-    loaded_any = True
-  if not loaded_any and branches:
-    logging.warning("No ImageNet backbone weights (config.model.init_backbones): training from "
-                    "scratch; results will be far below the paper's.")
-  return variables
-
-
 class MetricWriter:
   """JSON lines + TensorBoard, written by process 0 only."""
 
@@ -184,12 +157,19 @@ class MetricWriter:
       self._tb.close()
 
 
+BN_STATS = {"per_role": 3, "batch": 1}   # train.bn_stats -> BatchNorm groups of a batch
+
+
 def build(config):
   """Dataset info, model and optimiser for a config (shared by train and tests)."""
+  if config.train.bn_stats not in BN_STATS:
+    raise ValueError(f"config.train.bn_stats = {config.train.bn_stats!r}; use 'per_role' (the "
+                     "official trainer's statistics) or 'batch' (one set over the whole batch).")
   info = data_lib.dataset_info(config)
   joint = config.stage == "joint"
   model = model_lib.build_model(config.model, len(info.attributes), with_local=joint,
-                                dtype=jnp.dtype(config.model.compute_dtype))
+                                dtype=jnp.dtype(config.model.compute_dtype),
+                                bn_roles=BN_STATS[config.train.bn_stats])
   return info, model, make_optimizer(config, joint), joint
 
 
@@ -205,9 +185,10 @@ def init_state(config, model, tx, joint, init_from=None, info=None):
   state = _fresh_state(config, model, tx)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   # ImageNet backbones first (stage 2's local branch needs them too), then the previous stage.
-  variables = load_backbones(config, variables, joint, global_too=not init_from)
+  variables = warm_start.load_backbones(config, variables, joint, global_too=not init_from)
   if init_from:
-    variables = load_init_from(init_from, variables, info.attributes, joint)
+    variables = warm_start.load_init_from(init_from, variables, info.attributes, joint,
+                                          config.train.bn_stats)
   # The optimiser state starts at zero whatever the weights, so it stays as initialised.
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
@@ -223,20 +204,23 @@ def abstract_state(config, model, tx, mesh):
 def _meta(config, info, step, **extra):
   return {"attributes": list(info.attributes), "num_values": list(info.num_values),
           "stage": config.stage, "model": config.model.to_dict(), "step": int(step),
-          "dataset": config.data.name, **extra}
+          "dataset": config.data.name, "bn_stats": config.train.bn_stats, **extra}
 
 
 def check_resumable(workdir, meta, config, info):
   """Raises one clear ValueError if the run saved in `workdir` (its latest checkpoint's `meta`)
-  is not the one `config` describes: another stage, dataset or model shape."""
+  is not the one `config` describes: another stage, dataset, model shape or BatchNorm grouping."""
   if tuple(meta["attributes"]) != tuple(info.attributes) or meta["stage"] != config.stage:
     raise ValueError(f"Workdir {workdir} holds a {meta['stage']} run on {meta['attributes']}; "
                      "use a new --workdir for a different stage or dataset.")
   saved = {**model_lib.MODEL_FIELD_DEFAULTS, **meta.get("model", {})}
-  changed = [(f, saved[f], config.model[f]) for f in model_lib.MODEL_FIELDS
+  changed = [(f"model.{f}", saved[f], config.model[f]) for f in model_lib.MODEL_FIELDS
              if f in saved and saved[f] != config.model[f]]
+  # Runs from before the field existed normalised over the whole batch.
+  if meta.get("bn_stats", "batch") != config.train.bn_stats:
+    changed.append(("train.bn_stats", meta.get("bn_stats", "batch"), config.train.bn_stats))
   if changed:
-    was = ", ".join(f"model.{f}={old!r}" for f, old, _ in changed)
+    was = ", ".join(f"{f}={old!r}" for f, old, _ in changed)
     now = ", ".join(f"{new!r}" for _, _, new in changed)
     raise ValueError(f"Workdir {workdir} holds a run with {was}, but the config has {now}; use a "
                      f"new --workdir (or delete this one), or add {was.replace(' ', '')} to the "

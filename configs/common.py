@@ -93,6 +93,9 @@ def base_config(stage):
   c.train.batch_size = 16            # triplets per step, global (all devices)
   c.train.triplets_per_epoch = 100_000
   c.train.margin = 0.2
+  # BatchNorm statistics in training: 'per_role' (anchors, positives, negatives apart, as the
+  # official trainer's three forwards) or 'batch' (one set over all 3 x batch_size images).
+  c.train.bn_stats = "per_role"
   c.train.log_every = 50
   c.train.checkpoint_every = 1000    # steps; plus at every epoch end
   c.train.max_steps = 0              # stop after this many steps (0: epochs * steps per epoch)

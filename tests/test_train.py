@@ -1,4 +1,5 @@
 """Training: device-count invariance, exact resume across processes, stage-2 init, failure modes."""
+import functools
 import json
 import os
 import subprocess
@@ -41,25 +42,36 @@ def test_one_step_same_on_1_and_8_devices(data_root, stage):
   # Host copies: the jitted step donates (deletes) its input state.
   host_state = jax.device_get(trainer.init_state(config, model, tx, joint, info=info))
   batch = _first_batch(config)
+  grad_fn = jax.jit(jax.grad(functools.partial(trainer.compute_loss, model=model, config=config,
+                                               joint=joint), has_aux=True))
   results = []
   for devices in (jax.devices()[:1], jax.devices()[:8]):
     mesh = parallel.make_mesh(devices)
+    arrays = parallel.shard_batch(mesh, batch)
+    grads, _ = grad_fn(*parallel.replicate(mesh, (host_state.params, host_state.batch_stats)),
+                       arrays)
     step = trainer.make_train_step(config, model, tx, joint, mesh)
-    state, metrics = step(parallel.replicate(mesh, host_state), parallel.shard_batch(mesh, batch))
-    results.append((jax.device_get(state), jax.device_get(metrics)))
-  (s1, m1), (s8, m8) = results
+    state, metrics = step(parallel.replicate(mesh, host_state), arrays)
+    results.append((jax.device_get(state), jax.device_get(metrics), jax.device_get(grads)))
+  (s1, m1, g1), (s8, m8, g8) = results
   assert int(s1.step) == int(s8.step) == 1
   np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-5)
-  assert _max_rel_diff(s8.params, s1.params) <= 1e-5
+  assert _max_rel_diff(g8, g1) <= 1e-5
   assert _max_rel_diff(s8.batch_stats, s1.batch_stats) <= 1e-5
+  # Adam's first step moves each entry by lr * g / (|g| + 1e-8): an entry whose gradient is at
+  # float32 noise may move by a different fraction of lr (here by less than lr in all).
+  lr = max(config.train.lr, config.train.lr_global)
+  assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), s8.params,
+                                          s1.params))) <= lr
   # The step really moved the parameters (else the comparison above proves nothing).
   assert _max_rel_diff(s1.params, host_state.params) > 1e-4
 
 
-def _train_cli(data_root, workdir, max_steps):
+def _train_cli(data_root, workdir, max_steps, bn_stats):
   """train.py with ml_collections' own --config.<field>=<value> overrides."""
   fields = {**TINY, "data.root": data_root, "data.tfds_dir": f"{data_root}/tfds",
-            "train.max_steps": max_steps, "train.log_every": 1, "train.checkpoint_every": 100}
+            "train.max_steps": max_steps, "train.log_every": 1, "train.checkpoint_every": 100,
+            "train.bn_stats": bn_stats}
   cmd = [sys.executable, os.path.join(ROOT, "train.py"),
          f"--config={os.path.join(ROOT, 'configs', 'synthetic.py')}:global",
          f"--workdir={workdir}"] + [f"--config.{k}={v}" for k, v in fields.items()]
@@ -72,10 +84,11 @@ def _losses(workdir):
   return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_resume_in_a_new_process_is_exact(data_root, tmp_path):
+@pytest.mark.parametrize("bn_stats", ["per_role", "batch"])
+def test_resume_in_a_new_process_is_exact(data_root, tmp_path, bn_stats):
   straight, split = tmp_path / "straight", tmp_path / "split"
   for workdir, steps in ((straight, 6), (split, 3), (split, 6)):
-    run = _train_cli(data_root, workdir, steps)
+    run = _train_cli(data_root, workdir, steps, bn_stats)
     assert run.returncode == 0, run.stderr[-3000:]
   assert [s for s, _ in _losses(split)] == list(range(1, 7))
   np.testing.assert_allclose([l for _, l in _losses(split)], [l for _, l in _losses(straight)],
@@ -83,6 +96,7 @@ def test_resume_in_a_new_process_is_exact(data_root, tmp_path):
   a, meta_a, step_a = ckpt_lib.load_model_variables(str(straight), prefer="latest")
   b, _, step_b = ckpt_lib.load_model_variables(str(split), prefer="latest")
   assert step_a == step_b == 6 and meta_a["stage"] == "global"
+  assert meta_a["bn_stats"] == bn_stats   # the checkpoint says which BatchNorm made it
   assert _max_rel_diff(b, a) <= 1e-6
   # max_steps stopped both runs mid-epoch (1000 steps per epoch): each run is validated at its
   # last step, so evaluation finds a best checkpoint (it did not, once).
@@ -187,3 +201,16 @@ def test_resume_does_not_read_the_initial_weights_again(data_root, tmp_path):
   first.train.max_steps = 2
   state = trainer.train_and_evaluate(first, workdir)
   assert int(state.step) == 2
+
+
+def test_the_other_batchnorm_grouping_says_so(data_root, tmp_path, caplog):
+  workdir = str(tmp_path / "w")
+  trainer.train_and_evaluate(tiny_config(data_root, "global", {"train.max_steps": 1}), workdir)
+  other = tiny_config(data_root, "global", {"train.max_steps": 2, "train.bn_stats": "batch"})
+  with pytest.raises(ValueError, match=r"holds a run with train.bn_stats='per_role'.*'batch'"):
+    trainer.train_and_evaluate(other, workdir)
+  # Fine-tuning from it with the other grouping is allowed, and said.
+  joint = tiny_config(data_root, "joint", {"train.bn_stats": "batch"})
+  _, model, tx, _ = trainer.build(joint)
+  trainer.init_state(joint, model, tx, True, init_from=workdir, info=data_lib.dataset_info(joint))
+  assert "trained with train.bn_stats='per_role' and this run uses 'batch'" in caplog.text
