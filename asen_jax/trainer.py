@@ -133,7 +133,8 @@ def make_train_step(config, model, tx, joint, mesh):
 
 
 class MetricWriter:
-  """JSON lines + TensorBoard, written by process 0 only."""
+  """JSON lines + TensorBoard, written by process 0 only (clu 0.0.12's metric_writers cannot be
+  imported without TensorFlow, so they are not used)."""
 
   def __init__(self, workdir):
     self.active = jax.process_index() == 0

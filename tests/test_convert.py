@@ -251,6 +251,7 @@ def test_convert_official_tool_roundtrip(official_sd, tmp_path):
   got, got_meta = loaded[0], loaded[1]
   assert got_meta["attributes"] == list(fashionai.get_config("joint").data.attributes)
   assert got_meta["model"]["width"] == 0.25 and got_meta["num_values"][6] == 10
+  assert got_meta["bn_stats"] == "per_role"   # the official trainer's statistics
   jax.tree.map(np.testing.assert_array_equal, got, variables)
   np.testing.assert_array_equal(
       got["params"]["local"]["head"]["fc1"]["kernel"],

@@ -46,7 +46,8 @@ def convert_checkpoint(checkpoint_path, config, output_dir):
   # asks (the keys cannot tell a stride), as evaluating the .pth file directly does.
   model = dict(config.model.to_dict(), global_output_stride=info["model"]["global_output_stride"])
   meta = {"attributes": attributes, "num_values": num_values,
-          "stage": info["stage"], "model": model, "source": os.path.abspath(checkpoint_path)}
+          "stage": info["stage"], "model": model, "bn_stats": info["bn_stats"],
+          "source": os.path.abspath(checkpoint_path)}
   ckpt_lib.save_model_variables(os.path.abspath(output_dir), variables, meta)
   return variables, meta
 
