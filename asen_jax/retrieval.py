@@ -11,10 +11,14 @@ Tie rule: candidates are ranked by (score descending, candidate index ascending)
 where the index is the row in the candidate arrays passed in. Scores are float32
 dot products computed at `Precision.HIGHEST` (no TF32/bf16 passes on GPU/TPU).
 
-The device computation is one jitted call: queries are grouped by attribute into
-fixed-size chunks, and each chunk is scored against a padded table of that
-attribute's candidates, so memory stays at one `[chunk, max_candidates_per_attr]`
-score matrix and nothing recompiles per attribute.
+The device work is one jitted call per attribute, all dispatched before any result is
+fetched. A call gathers the attribute's candidates once (by ascending index, padded to a
+bucketed count: < 12.5% padding, few distinct shapes) and scores its queries in chunks of
+at most `chunk_size` rows, so memory stays at a few `[chunk, candidates_of_attr]` arrays.
+A chunk is ranked by ONE single-operand sort of uint64 keys packing (order-preserving bits
+of the score, candidate index, relevance bit): the key order is exactly the tie rule, and
+AP follows from a cumulative sum of the sorted relevance bits. The keys need 64-bit
+integers, so the call runs under a local `jax.enable_x64` (every input is explicitly 32-bit).
 """
 
 from __future__ import annotations
@@ -82,38 +86,52 @@ def check_attribute_range(attr: np.ndarray, valid: np.ndarray, name: str,
 # --------------------------------------------------------------------------- #
 
 
+def _rank_keys(scores_rm, rel_rm, slot_ok_m):
+  """uint64 keys whose ascending order is (score desc, column asc); bit 0 holds relevance.
+
+  Needs x64. Columns must list candidates by ascending index, so the column breaks ties.
+  """
+  # -0.0 -> +0.0 first: equal scores must tie, and the index then decides.
+  bits = jax.lax.bitcast_convert_type(jnp.where(scores_rm == 0, 0.0, scores_rm), jnp.uint32)
+  # Bits grow with |score|: flip the positive ones (below 2**31) so keys grow as scores fall.
+  desc = jnp.where(bits >> 31 == 1, bits, ~bits & jnp.uint32(0x7FFFFFFF))
+  desc = jnp.where(slot_ok_m[None, :], desc, jnp.uint32(0xFFFFFFFF))  # padding after -inf
+  col = jnp.arange(scores_rm.shape[1], dtype=jnp.uint64)
+  return (desc.astype(jnp.uint64) << 32) | (col << 1) | rel_rm.astype(jnp.uint64)
+
+
 @jax.jit
-def _chunked_ap(query_emb_qd, query_val_q, cand_emb_nd, cand_val_n, cand_table_am,
-                chunk_attr_c, chunk_rows_cr):
-  """AP of every query row named in `chunk_rows_cr` (-1 = padding) -> float32 [C, R]."""
-  num_slots = cand_table_am.shape[1]
-  ranks = jnp.arange(1, num_slots + 1, dtype=jnp.float32)
+def _attribute_ap(query_emb_qd, cand_emb_nd, rows_kr, qval_kr, cand_rows_m, cand_val_m):
+  """AP of the query rows `rows_kr` (chunks of one attribute, -1 = padding) -> float32 [K, R].
+
+  `cand_rows_m` lists the attribute's candidates by ascending index (-1 = padding).
+  """
+  slot_ok_m = cand_rows_m >= 0
+  c_md = cand_emb_nd[jnp.maximum(cand_rows_m, 0)]  # gathered once for all chunks
+  ranks = jnp.arange(1, cand_rows_m.shape[0] + 1, dtype=jnp.float32)
 
   def one_chunk(args):
-    attr, rows_r = args
-    rows = jnp.maximum(rows_r, 0)
-    q_rd = query_emb_qd[rows]
-    qv_r = query_val_q[rows]
-    cidx_m = cand_table_am[attr]
-    slot_ok_m = cidx_m >= 0
-    c_md = cand_emb_nd[jnp.maximum(cidx_m, 0)]
-    cv_m = cand_val_n[jnp.maximum(cidx_m, 0)]
+    rows_r, qv_r = args
+    q_rd = query_emb_qd[jnp.maximum(rows_r, 0)]
     scores_rm = jnp.dot(q_rd, c_md.T, precision=jax.lax.Precision.HIGHEST)
-    # Padding slots sort last (+inf); the table lists candidates by ascending index,
-    # so a stable sort on -score realises the (score desc, index asc) tie rule.
-    neg_rm = jnp.where(slot_ok_m[None, :], -scores_rm, jnp.inf)
-    rel_rm = ((qv_r[:, None] == cv_m[None, :]) & slot_ok_m[None, :]).astype(jnp.float32)
-    _, rel_sorted = jax.lax.sort((neg_rm, rel_rm), dimension=1, is_stable=True, num_keys=1)
+    rel_rm = (qv_r[:, None] == cand_val_m[None, :]) & slot_ok_m[None, :]
+    # One single-operand integer sort: far cheaper than a stable (score, relevance) sort.
+    keys = jax.lax.sort(_rank_keys(scores_rm, rel_rm, slot_ok_m), dimension=1)
+    rel_sorted = (keys & 1).astype(jnp.float32)
     hits = jnp.cumsum(rel_sorted, axis=1)  # integer-valued, exact in float32 below 2**24
     n_rel = hits[:, -1]
-    ap = jnp.sum(rel_sorted * (hits / ranks), axis=1) / jnp.maximum(n_rel, 1.0)
-    return ap
+    return jnp.sum(rel_sorted * (hits / ranks), axis=1) / jnp.maximum(n_rel, 1.0)
 
-  return jax.lax.map(one_chunk, (chunk_attr_c, chunk_rows_cr))
+  return jax.lax.map(one_chunk, (rows_kr, qval_kr))
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
+
+
+def _bucket(n: int) -> int:
+  """Round up to a multiple of 8 and of 1/8 of n's power of two: < 12.5% padding, few shapes."""
+  return _round_up(max(n, 1), max(8, 1 << max(n.bit_length() - 4, 0)))
 
 
 # --------------------------------------------------------------------------- #
@@ -158,38 +176,35 @@ def average_precision(query_emb, query_attr, query_val, cand_emb, cand_attr, can
     raise ValueError("query_emb or cand_emb holds NaN or inf values; check the model "
                      "outputs (e.g. a diverged checkpoint) before evaluating.")
 
-  num_attr = int(max(q_attr[q_ok].max(), c_attr[c_ok].max() if c_ok.any() else 0)) + 1
-  # Candidate table [A, M]: each attribute's candidate rows in ascending order, -1 padded.
-  groups = [np.flatnonzero(c_ok & (c_attr == a)) for a in range(num_attr)]
-  slots = max(1, max(len(g) for g in groups))
-  cand_table = np.full((num_attr, slots), -1, np.int32)
-  for a, g in enumerate(groups):
-    cand_table[a, :len(g)] = g
-
-  # Query chunks: each chunk holds queries of ONE attribute (-1 padded).
-  q_groups = [np.flatnonzero(q_ok & (q_attr == a)) for a in range(num_attr)]
-  chunk = min(int(chunk_size), _round_up(max(len(g) for g in q_groups), 8))
-  chunk_attr, chunk_rows = [], []
-  for a, g in enumerate(q_groups):
-    for s in range(0, len(g), chunk):
-      rows = np.full((chunk,), -1, np.int32)
-      part = g[s:s + chunk]
-      rows[:len(part)] = part
-      chunk_attr.append(a)
-      chunk_rows.append(rows)
-  chunk_attr = np.asarray(chunk_attr, np.int32)
-  chunk_rows = np.stack(chunk_rows)
-
   # Values are compared for equality only: remap to a dense int32 range so int64
   # labels survive the default 32-bit JAX mode.
   _, dense = np.unique(np.concatenate([q_val, c_val]), return_inverse=True)
   q_val32 = dense[:num_q].astype(np.int32)
   c_val32 = dense[num_q:].astype(np.int32)
 
-  ap_cr = _chunked_ap(q_emb, q_val32, c_emb, c_val32, cand_table, chunk_attr, chunk_rows)
-  ap_cr = np.asarray(jax.device_get(ap_cr), np.float64)
-  real = chunk_rows >= 0
-  ap_q[chunk_rows[real]] = ap_cr[real]
+  pending = []
+  for a in np.unique(q_attr[q_ok]):
+    rows = np.flatnonzero(q_ok & (q_attr == a))
+    cands = np.flatnonzero(c_ok & (c_attr == a))  # ascending: the column order breaks ties
+    if not len(cands):
+      ap_q[rows] = 0.0  # nothing to retrieve, nothing relevant
+      continue
+    # Each attribute is scored against its own candidates only, padded to a bucketed size;
+    # its queries are split into near-equal chunks of at most chunk_size rows.
+    cand_rows = np.full((_bucket(len(cands)),), -1, np.int32)
+    cand_rows[:len(cands)] = cands
+    num_chunks = -(-len(rows) // int(chunk_size))
+    per_chunk = min(int(chunk_size), _round_up(-(-len(rows) // num_chunks), 8))
+    rows_kr = np.full((num_chunks * per_chunk,), -1, np.int32)
+    rows_kr[:len(rows)] = rows
+    rows_kr = rows_kr.reshape(num_chunks, per_chunk)
+    qval_kr = q_val32[np.maximum(rows_kr, 0)]
+    with jax.enable_x64(True):  # the rank keys are uint64; every input is explicitly 32-bit
+      ap_kr = _attribute_ap(q_emb, c_emb, rows_kr, qval_kr, cand_rows, c_val32[cand_rows])
+    pending.append((rows_kr, ap_kr))  # dispatched asynchronously; fetched below
+  for rows_kr, ap_kr in pending:
+    real = rows_kr >= 0
+    ap_q[rows_kr[real]] = np.asarray(jax.device_get(ap_kr), np.float64)[real]
   return ap_q
 
 

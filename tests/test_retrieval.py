@@ -99,6 +99,52 @@ def test_tie_rule_is_score_desc_then_index_asc():
   assert ap[0] == pytest.approx(1.0, abs=1e-7)
 
 
+def test_tie_groups_and_negative_scores_hand_computed():
+  q = np.array([[1.0]], np.float32)
+  # Scores by index 3, 5, 3, 1, 3, 3 -> ranking 1 | 0 2 4 5 (tie, by index) | 3.
+  c = np.array([[3.0], [5.0], [3.0], [1.0], [3.0], [3.0]], np.float32)
+  val = [0, 0, 1, 1, 0, 1]   # relevant: 2, 3, 5 -> ranks 3, 6, 5
+  ap = retrieval.average_precision(q, [0], [1], c, [0] * 6, val)
+  assert ap[0] == pytest.approx((1 / 3 + 2 / 5 + 3 / 6) / 3, abs=1e-7)  # 0.5 if ties ran backwards
+  # Negative scores -1, -2, -1, -1: ranking 0 2 3 | 1; relevant 1, 3 -> ranks 4, 3.
+  c = np.array([[-1.0], [-2.0], [-1.0], [-1.0]], np.float32)
+  ap = retrieval.average_precision(q, [0], [1], c, [0] * 4, [0, 1, 0, 1])
+  assert ap[0] == pytest.approx((1 / 3 + 2 / 4) / 2, abs=1e-7)  # 0.75 if -2 outranked -1
+
+
+def test_identical_embeddings_rank_by_index():
+  rng = np.random.default_rng(7)
+  n = 300
+  # Small integers: every summation order gives the same, exactly equal scores.
+  q = rng.integers(-3, 4, size=(2, 5)).astype(np.float32)
+  c = np.repeat(rng.integers(-3, 4, size=(1, 5)).astype(np.float32), n, axis=0)
+  val = rng.integers(0, 3, n)
+  c_mask = rng.random(n) > 0.2
+  ap = retrieval.average_precision(q, [0, 0], [0, 2], c, np.zeros(n, int), val, cand_mask=c_mask)
+
+  def ap_of(rel):
+    return np.sum(np.cumsum(rel)[rel] / (np.flatnonzero(rel) + 1)) / rel.sum()
+
+  for i, v in enumerate([0, 2]):
+    rel = val[c_mask] == v   # every score is equal, so the ranking is the index order
+    assert ap[i] == pytest.approx(ap_of(rel), abs=1e-6)
+    assert abs(ap_of(rel) - ap_of(rel[::-1])) > 1e-3   # the order matters here
+
+
+def test_rank_keys_order_is_score_desc_then_index_asc():
+  import jax
+  scores = np.array([0.0, -0.0, 1.5, -1.5, np.inf, -np.inf, 1e-45, -1e-45, 1.5, -0.0, 3e38,
+                     -3e38, 0.0, -1.5, 2.0 ** -126, 7.0], np.float32)
+  padded = np.concatenate([scores, [9.0, -9.0]]).astype(np.float32)
+  ok = np.arange(len(padded)) < len(scores)   # padding slots rank after every score, -inf too
+  rel = (np.arange(len(padded)) % 3 == 0) & ok
+  with jax.enable_x64(True):
+    keys = np.asarray(retrieval._rank_keys(padded[None], rel[None], ok))[0]
+  want = np.lexsort((np.arange(len(scores)), -scores.astype(np.float64)))  # -0.0 == 0.0
+  np.testing.assert_array_equal(np.argsort(keys)[:len(scores)], want)
+  np.testing.assert_array_equal(keys & 1, rel)
+
+
 def test_hand_computed_ap():
   q = np.array([[1.0]], np.float32)
   c = np.array([[3.0], [2.0], [1.0], [5.0]], np.float32)
