@@ -43,11 +43,14 @@ class AttnEmbedding(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, feats_bhwc, attr_bd):
-    """(B, H, W, C) features, (B, attr_dim) attribute vectors -> (emb_be, attmap_bhw)."""
-    b, h, w, c = feats_bhwc.shape
+  def __call__(self, feats_bhwc, attr_ld, gather=None):
+    """(B, H, W, C) image features, (L, attr_dim) line attributes -> (emb_le, attmap_lhw).
+
+    `gather` maps per-image rows to per-line rows (None: line l is image l).
+    """
+    c = feats_bhwc.shape[-1]
     x = jnp.asarray(feats_bhwc, self.dtype)
-    a = jnp.asarray(attr_bd, self.dtype)
+    a = jnp.asarray(attr_ld, self.dtype)
     k = a.shape[-1]
 
     def dense(n, fan_in, name):
@@ -57,6 +60,9 @@ class AttnEmbedding(nn.Module):
     # ASA: scaled dot product between the projected map and the projected attribute.
     img = jnp.tanh(nn.Conv(self.common_dim, (1, 1), kernel_init=torch_default_init,
                            bias_init=torch_bias_init(c), dtype=self.dtype, name="conv")(x))
+    if gather is not None:   # the ASA projection ignores the attribute: once per image
+      x, img = gather(x), gather(img)
+    b, h, w, _ = x.shape
     q = jnp.tanh(dense(self.common_dim, k, "attr_transform1")(a))
     logits = jnp.einsum("bhwd,bd->bhw", img, q) / math.sqrt(self.common_dim)
     # Softmax in float32 so the map sums to 1 whatever the compute dtype.
@@ -81,14 +87,16 @@ class Branch(nn.Module):
   dtype: Any = jnp.float32
   output_stride: int = 0   # 0: torchvision's (16)
   bn_roles: int = 1        # resnet.RoleBatchNorm
+  fast_cpu_backward: bool = True   # resnet: cpu_ops' backward passes on the CPU
 
   def setup(self):
     self.backbone = resnet.make_backbone(self.backbone_name, 3, self.width, self.dtype,
-                                         self.output_stride, bn_roles=self.bn_roles)
+                                         self.output_stride, bn_roles=self.bn_roles,
+                                         fast=self.fast_cpu_backward)
     self.head = AttnEmbedding(self.common_dim, self.reduction, self.embed_dim, self.dtype)
 
-  def __call__(self, images_bhwc, attr_bd, train=False):
-    return self.head(self.backbone(images_bhwc, train), attr_bd)
+  def __call__(self, images_bhwc, attr_ld, train=False, gather=None):
+    return self.head(self.backbone(images_bhwc, train), attr_ld, gather)
 
 
 class ASENPP(nn.Module):
@@ -108,6 +116,8 @@ class ASENPP(nn.Module):
   dtype: Any = jnp.float32
   # Training-mode BatchNorm statistics per role (3: anchor, positive, negative) or per batch (1).
   bn_roles: int = 1
+  # cpu_ops' hand-written backward passes where XLA:CPU's are slow (same gradients to 1e-5).
+  fast_cpu_backward: bool = True
 
   def setup(self):
     self.attr_embedding = nn.Embed(self.num_attributes, self.attr_dim,
@@ -115,15 +125,21 @@ class ASENPP(nn.Module):
     # Explicit names: 'global' is a Python keyword, so it cannot be an attribute name.
     self.global_branch = Branch(self.global_backbone, self.width, self.global_common_dim,
                                 self.reduction, self.embed_dim, self.dtype,
-                                self.global_output_stride, self.bn_roles, name="global")
+                                self.global_output_stride, self.bn_roles,
+                                self.fast_cpu_backward, name="global")
     if self.with_local:
       self.local_branch = Branch(self.local_backbone, self.width, self.local_common_dim,
                                  self.reduction, self.embed_dim, self.dtype,
-                                 bn_roles=self.bn_roles, name="local")
+                                 bn_roles=self.bn_roles, fast_cpu_backward=self.fast_cpu_backward,
+                                 name="local")
 
-  def embed_global(self, images_bhwc, attributes_b, train=False):
-    """Normalised (B, H, W, 3) images, int (B,) attributes -> (emb_bd, attmap_bhw) float32."""
-    return self.global_branch(images_bhwc, self.attr_embedding(attributes_b), train)
+  def embed_global(self, images_bhwc, attributes_l, train=False, gather=None):
+    """Normalised (B, H, W, 3) images, int (L,) attributes -> (emb_ld, attmap_lhw) float32.
+
+    Without `gather`, L = B and line l is image l; with it, the backbone runs once per image and
+    `gather` maps per-image rows to the lines' rows (evaluation.gather_lines).
+    """
+    return self.global_branch(images_bhwc, self.attr_embedding(attributes_l), train, gather)
 
   def embed_local(self, crops_bhwc, attributes_b, train=False):
     """Normalised (B, h, w, 3) RoI crops, int (B,) attributes -> (emb_bd, attmap_bhw) float32."""
@@ -164,7 +180,8 @@ def build_model(model_config, num_attributes, with_local, dtype=None, bn_roles=1
     raise ValueError(f"config.model.compute_dtype = {dtype!r} is not a dtype; "
                      "use 'float32' or 'bfloat16'.") from None
   return ASENPP(num_attributes=int(num_attributes), with_local=bool(with_local), dtype=dtype,
-                bn_roles=bn_roles, **{f: model_config[f] for f in MODEL_FIELDS})
+                bn_roles=bn_roles, fast_cpu_backward=model_config.fast_cpu_backward,
+                **{f: model_config[f] for f in MODEL_FIELDS})
 
 
 def init_variables(model, rng, image_size=224, local_size=112):

@@ -10,8 +10,9 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
+
+from asen_jax import cpu_ops
 
 # Blocks per stage and block type; only the first `num_stages` stages are built.
 ARCHS = {
@@ -42,38 +43,57 @@ class RoleBatchNorm(nn.BatchNorm):
   """BatchNorm that, in training, normalises each of `roles` equal parts of the batch with its
   own statistics and updates the running averages once per part, in order, with the unbiased
   variance: what `roles` separate PyTorch forwards do (the official trainer's anchor, positive,
-  negative). roles=1 and inference are flax's BatchNorm, unchanged."""
+  negative). roles=1 is flax's BatchNorm; `fast` takes cpu_ops' backward pass on the CPU."""
   roles: int = 1
+  fast: bool = True
 
   @nn.compact
   def __call__(self, x):
-    if self.use_running_average or self.roles == 1:
+    if self.use_running_average or (self.roles == 1 and not cpu_ops.use_custom(self.fast)):
       return super().__call__(x)
     c = x.shape[-1]
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    xr = x.reshape((self.roles, x.shape[0] // self.roles) + x.shape[1:]).astype(jnp.float32)
-    axes = tuple(range(1, xr.ndim - 1))
-    mean = xr.mean(axes, keepdims=True)
-    var = jnp.square(xr - mean).mean(axes, keepdims=True)   # two passes, as PyTorch
-    y = (xr - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    # roles=1 keeps flax's statistics (E[x^2] - E[x]^2, biased running variance); per role
+    # they are PyTorch's (two passes, unbiased running variance).
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))   # at least float32, as flax
+    y, mean_r, var_r = cpu_ops.batch_norm_train(x32, scale, bias, self.roles, self.epsilon,
+                                                self.roles == 1, self.fast)
     if not self.is_initializing():
-      n = xr.size // (self.roles * c)
-      mean_r, var_r = mean.reshape(self.roles, c), var.reshape(self.roles, c) * n / max(n - 1, 1)
+      n = x.size // c // self.roles
+      if self.roles > 1:
+        var_r = var_r * n / max(n - 1, 1)
       m, v = ra_mean.value, ra_var.value
       for r in range(self.roles):
         m = self.momentum * m + (1 - self.momentum) * mean_r[r]
         v = self.momentum * v + (1 - self.momentum) * var_r[r]
       ra_mean.value, ra_var.value = m, v
-    return y.reshape(x.shape).astype(self.dtype or x.dtype)
+    return y.astype(self.dtype or x.dtype)
 
 
-def batch_norm(train, dtype, roles=1, **kwargs):
+def batch_norm(train, dtype, roles=1, fast=True, **kwargs):
   """torchvision's BatchNorm2d (momentum 0.1, eps 1e-5); `roles` as in RoleBatchNorm."""
   return RoleBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       roles=roles, **kwargs)
+                       roles=roles, fast=fast, **kwargs)
+
+
+class Conv(nn.Module):
+  """Bias-free NHWC conv with torchvision's init, `kernel` laid out as flax's nn.Conv's."""
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: Any = ((0, 0), (0, 0))
+  dtype: Any = jnp.float32
+  fast: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", conv_init,
+                        tuple(self.kernel_size) + (x.shape[-1], self.features), jnp.float32)
+    return cpu_ops.conv(jnp.asarray(x, self.dtype), jnp.asarray(kernel, self.dtype),
+                        self.strides, self.padding, self.fast)
 
 
 def _pad(k):
@@ -87,19 +107,20 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   bn_roles: int = 1
+  fast: bool = True
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles)
+    conv = functools.partial(Conv, dtype=self.dtype, fast=self.fast)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast)
     s = (self.strides, self.strides)
     y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.planes, (3, 3), padding=_pad(3), name="conv2")(y)
     y = norm(name="bn2")(y)
     if self.strides != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, (1, 1), s, padding="VALID", name="downsample_conv")(x)
+      x = conv(self.planes, (1, 1), s, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
     return nn.relu(y + x)
 
@@ -110,22 +131,23 @@ class Bottleneck(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   bn_roles: int = 1
+  fast: bool = True
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train):
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=conv_init, dtype=self.dtype)
-    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles)
+    conv = functools.partial(Conv, dtype=self.dtype, fast=self.fast)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast)
     out = self.planes * self.expansion
     s = (self.strides, self.strides)
-    y = conv(self.planes, (1, 1), padding="VALID", name="conv1")(x)
+    y = conv(self.planes, (1, 1), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
     y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv2")(y)
     y = nn.relu(norm(name="bn2")(y))
-    y = conv(out, (1, 1), padding="VALID", name="conv3")(y)
+    y = conv(out, (1, 1), name="conv3")(y)
     y = norm(name="bn3")(y)
     if self.strides != 1 or x.shape[-1] != out:
-      x = conv(out, (1, 1), s, padding="VALID", name="downsample_conv")(x)
+      x = conv(out, (1, 1), s, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
     return nn.relu(y + x)
 
@@ -141,6 +163,7 @@ class ResNet(nn.Module):
   # one keeps the later stages at stride 1 (same weights, a finer map, more compute).
   output_stride: int = 0      # 0: torchvision's
   bn_roles: int = 1           # RoleBatchNorm: 3 normalises anchors, positives, negatives apart
+  fast: bool = True           # cpu_ops' backward passes where they apply (XLA:CPU)
 
   @nn.compact
   def __call__(self, x_bhwc, train=False):
@@ -148,19 +171,18 @@ class ResNet(nn.Module):
     (H/output_stride with an output_stride)."""
     block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
     x = jnp.asarray(x_bhwc, self.dtype)
-    x = nn.Conv(scaled_channels(64, self.width), (7, 7), (2, 2), padding=_pad(7),
-                use_bias=False, kernel_init=conv_init, dtype=self.dtype, name="conv1")(x)
-    x = batch_norm(train, self.dtype, self.bn_roles, name="bn1")(x)
+    x = Conv(scaled_channels(64, self.width), (7, 7), (2, 2), _pad(7), self.dtype, self.fast,
+             name="conv1")(x)
+    x = batch_norm(train, self.dtype, self.bn_roles, self.fast, name="bn1")(x)
     x = nn.relu(x)
-    # Pooling pads with -inf (reduce_window's init value), as PyTorch's max-pool does.
-    x = nn.max_pool(x, (3, 3), (2, 2), padding=_pad(3))
+    x = cpu_ops.max_pool_3x3_s2(x, self.fast)
     stride, target = 4, self.output_stride or 4 * 2 ** (self.num_stages - 1)
     for stage in range(self.num_stages):
       planes = scaled_channels(BASE_PLANES[stage], self.width)
       for i in range(self.stage_sizes[stage]):
         strides = 2 if (stage > 0 and i == 0 and stride < target) else 1
         stride *= strides
-        x = block_cls(planes, strides, self.dtype, self.bn_roles,
+        x = block_cls(planes, strides, self.dtype, self.bn_roles, self.fast,
                       name=f"layer{stage + 1}_{i}")(x, train)
     return x
 

@@ -85,6 +85,7 @@ def base_config(stage):
   c.model.local_size = 112           # RoI crop side fed to the local branch
   c.model.roi_threshold = 0.1
   c.model.compute_dtype = "float32"  # bfloat16 on GPU/TPU; params stay float32
+  c.model.fast_cpu_backward = True   # asen_jax/cpu_ops.py's gradients on the CPU (same to 1e-5)
   c.model.init_backbones = ml_collections.ConfigDict()
   c.model.init_backbones.global_file = ""   # converted torchvision .npz/.pth/.safetensors
   c.model.init_backbones.local_file = ""
