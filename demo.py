@@ -10,6 +10,10 @@ evaluates both on the test split, writes pictures of the joint model into <workd
 the numbers into <workdir>/results.json, and prints one table. Running it again reuses finished
 steps.
 """
+from asen_jax import allocator
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
 import os
 
 from absl import app

@@ -6,6 +6,10 @@
 --checkpoint: a training workdir (its best checkpoint), a checkpoint folder of this project, or an
 official ASEN++ `model_best.pth.tar` / `checkpoint.pth.tar` (stage 1 or 2).
 """
+from asen_jax import allocator
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
 import json
 import os
 

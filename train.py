@@ -3,6 +3,10 @@
 Stage 2: `python train.py --config configs/fashionai.py:joint --workdir runs/fa_joint
 --init_from runs/fa_global`. Running the same command again resumes where it stopped.
 """
+from asen_jax import allocator
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -5,12 +5,16 @@
 Uses <root>/Synthetic (generated with the default sizes if missing) and builds it into
 <root>/tfds if needed. Each triplet is three decoded images, each resized twice (view + hires).
 """
-import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asen_jax import allocator  # noqa: E402
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
+import argparse  # noqa: E402
+import time  # noqa: E402
 
 from absl import flags  # noqa: E402
 

@@ -5,17 +5,19 @@
 
   python bench/map_speed.py [--ref_queries 400] [--chunk_size 256] [--repeats 3]
 """
-
-import argparse
 import os
 import sys
-import time
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asen_jax import allocator  # noqa: E402
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
+import argparse  # noqa: E402
+import time  # noqa: E402
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from asen_jax import retrieval  # noqa: E402
 

@@ -1,22 +1,33 @@
-"""Times the jitted training step: compile time, step time and triplets/s, per BatchNorm grouping.
+"""Times the jitted training step side by side with the PyTorch reference step, in one process.
 
   python bench/train_step.py [--sizes paper,synthetic] [--stages global,joint] [--steps 5]
+      [--paths fast,xla,torch] [--bn_stats per_role]
 
-paper: batch 16, 224 global view (448 hires view), 112 RoI crop, ResNet-50/34 (FashionAI config).
-synthetic: configs/synthetic.py. Batches are random uint8 images on the device mesh (no input
+paper: batch 16 triplets, 224 global view (448 hires view), 112 RoI crop, ResNet-50/34
+(FashionAI config). synthetic: configs/synthetic.py. Batches are random uint8 images (no input
 pipeline; bench/input_pipeline.py measures that), so this is the model + RoI + optimiser cost.
+Paths, timed in turn so that all see the same machine:
+  fast   the JAX step (cpu_ops' backward passes on the CPU: config.model.fast_cpu_backward)
+  xla    the JAX step with XLA's own gradients (fast_cpu_backward=False)
+  torch  the official trainer's structure (tests/torch_train_reference.py): anchors, positives
+         and negatives as three forwards per branch, Adam; stage 2 crops each RoI from the
+         hires view with F.interpolate around the attention map's largest cell.
 """
 import os
 import sys
-import time
-
-from absl import app
-from absl import flags
-import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asen_jax import allocator  # noqa: E402
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+import time  # noqa: E402
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
 from asen_jax import model as model_lib  # noqa: E402
 from asen_jax import parallel  # noqa: E402
 from asen_jax import trainer  # noqa: E402
@@ -29,12 +40,11 @@ _STAGES = flags.DEFINE_list("stages", ["global", "joint"], "global and/or joint"
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps after the first (compiling) one")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "triplets per step")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on GPU/TPU)")
-_BN_STATS = flags.DEFINE_list("bn_stats", ["per_role", "batch"],
-                              "train.bn_stats variants, timed side by side")
+_BN_STATS = flags.DEFINE_string("bn_stats", "per_role", "train.bn_stats of the JAX step")
+_PATHS = flags.DEFINE_list("paths", ["fast", "xla", "torch"], "fast, xla and/or torch")
 
 
-def prepare(size, stage, bn_stats):
-  """(compiled step, state, batch, config, init seconds, compile seconds)."""
+def get_config(size, stage):
   if size == "paper":
     config = fashionai.get_config(stage)
   else:
@@ -44,65 +54,136 @@ def prepare(size, stage, bn_stats):
     config.data.num_values = tuple(len(v) for v in synthetic_data.VALUE_NAMES)
   config.train.batch_size = _BATCH.value
   config.model.compute_dtype = _DTYPE.value
-  config.train.bn_stats = bn_stats
-  joint = stage == "joint"
+  config.train.bn_stats = _BN_STATS.value
+  return config
+
+
+def random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  b, s, r = config.train.batch_size, config.data.image_size, config.data.hires_size
+  return {"images": rng.integers(0, 256, (b, 3, s, s, 3), dtype=np.uint8),
+          "hires": rng.integers(0, 256, (b, 3, r, r, 3), dtype=np.uint8),
+          "attribute": rng.integers(0, len(config.data.attributes), (b,), dtype=np.int32)}
+
+
+def jax_runner(config, fast):
+  """(run one step, compile seconds) for the jitted JAX step."""
+  config.model.fast_cpu_backward = fast
+  joint = config.stage == "joint"
   model = model_lib.build_model(config.model, len(config.data.attributes), with_local=joint,
-                                bn_roles=trainer.BN_STATS[bn_stats])
+                                bn_roles=trainer.BN_STATS[config.train.bn_stats])
   tx = trainer.make_optimizer(config, joint)
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.train.batch_size, mesh=mesh)
-  t0 = time.perf_counter()
   variables = model_lib.init_variables(model, jax.random.key(0), config.data.image_size,
                                        config.model.local_size)
-  init_s = time.perf_counter() - t0
-  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                             batch_stats=variables["batch_stats"],
-                             opt_state=tx.init(variables["params"]))
-  state = parallel.replicate(mesh, state)
-  rng = np.random.default_rng(0)
-  b, s, r = config.train.batch_size, config.data.image_size, config.data.hires_size
-  batch = parallel.shard_batch(mesh, {
-      "images": rng.integers(0, 256, (b, 3, s, s, 3), dtype=np.uint8),
-      "hires": rng.integers(0, 256, (b, 3, r, r, 3), dtype=np.uint8),
-      "attribute": rng.integers(0, len(config.data.attributes), (b,), dtype=np.int32)})
-  step_fn = trainer.make_train_step(config, model, tx, joint, mesh)
+  state = parallel.replicate(mesh, trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=variables["params"],
+      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
+  batch = parallel.shard_batch(mesh, random_batch(config))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = trainer.make_train_step(config, model, tx, joint, mesh).lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  state, metrics = compiled(state, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  return compiled, state, batch, config, init_s, compile_s
+  box = [state]
+
+  def run():
+    box[0], metrics = compiled(box[0], batch)
+    jax.block_until_ready(metrics)
+
+  run()   # warm-up
+  return run, compile_s
+
+
+def torch_runner(config):
+  """(run one step, 0) for the PyTorch reference step with the official trainer's structure."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+  from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
+  from tests import torch_train_reference as ttr  # pylint: disable=g-import-not-at-top
+
+  m, joint = config.model, config.stage == "joint"
+  net = tr.ASENPP(len(config.data.attributes), m.global_backbone, m.local_backbone, m.width,
+                  m.attr_dim, m.global_common_dim, m.local_common_dim, m.reduction, m.embed_dim,
+                  with_local=joint)
+  opt, _ = ttr.make_optimizer(net, config.stage, config.train.lr, config.train.lr_global,
+                              config.train.decay_rate, 1)
+  batch = random_batch(config)
+  mean = torch.tensor(model_lib.IMAGENET_MEAN).view(1, 3, 1, 1)
+  std = torch.tensor(model_lib.IMAGENET_STD).view(1, 3, 1, 1)
+  to_nchw = lambda x: (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - mean) / std
+  roles = [to_nchw(batch["images"][:, r]) for r in range(3)]
+  hires = [to_nchw(batch["hires"][:, r]) for r in range(3)]
+  attrs = torch.from_numpy(batch["attribute"]).long()
+  frame, hires_size, local = config.data.image_size, config.data.hires_size, m.local_size
+
+  def crops(attmaps, views):
+    # A box of half the frame around each map's largest cell: the crop's cost, not its rule.
+    out = []
+    for att, view in zip(attmaps, views):
+      b, h, w = att.shape
+      cell = att.view(b, -1).argmax(1)
+      scale = hires_size / frame
+      side = int(hires_size // 2)
+      rows = []
+      for i in range(b):
+        cy = int((cell[i] // w + 0.5) * frame / h * scale)
+        cx = int((cell[i] % w + 0.5) * frame / w * scale)
+        y0 = min(max(cy - side // 2, 0), hires_size - side)
+        x0 = min(max(cx - side // 2, 0), hires_size - side)
+        rows.append(F.interpolate(view[i:i + 1, :, y0:y0 + side, x0:x0 + side], size=local,
+                                  mode="bilinear", align_corners=False))
+      out.append(torch.cat(rows))
+    return out
+
+  def run():
+    net.train()
+    opt.zero_grad()
+    glob = [net(x, attrs, "global") for x in roles]
+    loss = ttr.triplet_loss(*[g[0] for g in glob], config.train.margin)
+    if joint:
+      loc = [net(c, attrs, "local")[0]
+             for c in crops([g[1].detach() for g in glob], hires)]
+      w = config.train.loss_weights
+      loss = (w.global_triplet * loss + w.local_triplet * ttr.triplet_loss(
+          *loc, config.train.margin) + w.alignment * ttr.alignment_loss(
+              [g[0] for g in glob], loc))
+    loss.backward()
+    opt.step()
+
+  run()   # warm-up
+  return run, 0.0
 
 
 def bench(size, stage):
-  """Times the bn_stats variants of one step, interleaved so that both see the same machine."""
-  runs = {bn: prepare(size, stage, bn) for bn in _BN_STATS.value}
-  states = {bn: run[1] for bn, run in runs.items()}
-  times = {bn: [] for bn in runs}
+  """Times the chosen paths of one step, interleaved so that all see the same machine."""
+  runs = {}
+  for path in _PATHS.value:
+    config = get_config(size, stage)
+    runs[path] = torch_runner(config) if path == "torch" else jax_runner(config, path == "fast")
+  times = {p: [] for p in runs}
   for _ in range(_STEPS.value):
-    for bn, (compiled, _, batch, *_) in runs.items():
+    for path, (run, _) in runs.items():
       t0 = time.perf_counter()
-      states[bn], metrics = compiled(states[bn], batch)
-      jax.block_until_ready(metrics)
-      times[bn].append(time.perf_counter() - t0)
-  for bn, (_, _, _, config, init_s, compile_s) in runs.items():
-    step_s = float(np.median(times[bn]))
+      run()
+      times[path].append(time.perf_counter() - t0)
+  config = get_config(size, stage)
+  med = {p: float(np.median(t)) for p, t in times.items()}
+  for path, (_, compile_s) in runs.items():
     print(f"{size:<10}{stage:<8}{config.data.image_size:>4}/{config.model.local_size:<4}"
           f"{config.model.global_backbone}/{config.model.local_backbone} w={config.model.width:<6}"
-          f"bn_stats={bn:<9}init {init_s:6.1f}s  compile {compile_s:6.1f}s  "
-          f"step {step_s * 1e3:8.1f} ms  {config.train.batch_size / step_s:8.1f} triplets/s",
-          flush=True)
-  if len(runs) == 2:
-    first, second = runs
-    print(f"{'':18}step time {first} / {second}: "
-          f"{np.median(times[first]) / np.median(times[second]):.3f}", flush=True)
+          f"{path:<6} compile {compile_s:6.1f}s  step {med[path] * 1e3:8.1f} ms  "
+          f"{config.train.batch_size / med[path]:7.2f} triplets/s", flush=True)
+  for path in runs:
+    if path != "torch" and "torch" in runs:
+      print(f"{'':18}{path}: {med['torch'] / med[path]:.2f}x the PyTorch step's speed", flush=True)
+  if "fast" in runs and "xla" in runs:
+    print(f"{'':18}fast: {med['xla'] / med['fast']:.2f}x the xla path's speed", flush=True)
 
 
 def main(argv):
   del argv
   print(f"JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, "
-        f"batch {_BATCH.value} triplets, {_DTYPE.value}, median of {_STEPS.value} steps",
-        flush=True)
+        f"batch {_BATCH.value} triplets, {_DTYPE.value}, bn_stats {_BN_STATS.value}, median of "
+        f"{_STEPS.value} steps; allocator {os.environ.get(allocator.ENV, 'system')}", flush=True)
   for size in _SIZES.value:
     for stage in _STAGES.value:
       bench(size, stage)

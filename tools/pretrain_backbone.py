@@ -15,11 +15,14 @@ convert them with tools/convert_torchvision.py instead.
 import os
 import sys
 
-from absl import app
-from absl import flags
-from ml_collections import config_flags
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from asen_jax import allocator  # noqa: E402
+
+allocator.preload()   # before jax starts: see asen_jax/allocator.py
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
