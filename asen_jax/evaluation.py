@@ -1,15 +1,17 @@
-"""Embedding extraction over the evaluation streams, and the MAP of a split.
+"""Embedding extraction of a split's query and candidate lines, and the MAP of a split.
 
 Used by train.py (validation MAP every epoch) and evaluate.py. Embeddings are computed on the device
-mesh (batch on 'data'); the host only sees them once per batch.
+mesh (batch on 'data'), each image's backbones once for all its lines; the host sees them once per
+batch.
 """
 import dataclasses
 import functools
-import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 from tqdm import tqdm
@@ -23,29 +25,74 @@ from asen_jax import pointing
 from asen_jax import retrieval
 from asen_jax import roi
 from asen_jax import viz
+from asen_jax.data import builder
+from asen_jax.data import image_batches
 
 
-def retrieval_embedding(variables, images, hires, attributes, *, model, joint, frame_size,
-                        local_size, threshold, beta):
-  """uint8 views -> (retrieval embedding, global attention map, RoI boxes in frame pixels)."""
-  x = model_lib.normalize_images(images)
-  g, attmap = model.apply(variables, x, attributes, method="embed_global")
+def gather_lines(mesh, line_image, per_image):
+  """Per-image rows [D * k, ...] -> per-line rows [D * s, ...]; each device's s lines index its
+  own k images (`line_image`, int [D * s]), so no row crosses devices."""
+  take = jax.shard_map(lambda x, i: x[i], mesh=mesh, in_specs=(P("data"), P("data")),
+                       out_specs=P("data"))
+  return take(per_image, line_image)
+
+
+def retrieval_embedding(variables, images, hires, line_image, attributes, *, model, mesh, joint,
+                        frame_size, local_size, threshold, beta):
+  """uint8 views of images, lines (image within its device's chunk, attribute) -> per line
+  (retrieval embedding, global attention map, RoI box in frame pixels).
+
+  The global backbone and the ASA projection run once per image; the rest once per line.
+  """
+  gather = functools.partial(gather_lines, mesh, line_image)
+  g, attmap = model.apply(variables, model_lib.normalize_images(images), attributes,
+                          gather=gather, method="embed_global")
   if not joint:
     boxes = jnp.broadcast_to(jnp.array([0, 0, frame_size, frame_size], jnp.float32),
-                             (x.shape[0], 4))
+                             (attributes.shape[0], 4))
     return model_lib.l2_normalize(g.astype(jnp.float32)), attmap, boxes
-  crops, boxes = roi.roi_crops(attmap, hires, frame_size, local_size, threshold)
+  crops, boxes = roi.roi_crops(attmap, gather(hires), frame_size, local_size, threshold)
   l, _ = model.apply(variables, model_lib.normalize_images(crops), attributes, method="embed_local")
   emb = model_lib.fused_embedding(g.astype(jnp.float32), l.astype(jnp.float32), beta)
   return emb, attmap, boxes
 
 
+@dataclasses.dataclass(frozen=True)
+class EmbedFn:
+  """A model's jitted `retrieval_embedding` on a mesh; `hires` is only read by joint models."""
+  fn: Callable
+  joint: bool
+  mesh: jax.sharding.Mesh
+
+  def __call__(self, variables, images, hires, line_image, attributes):
+    """Arrays sharded on 'data' (parallel.shard_batch) -> per-line (emb, attmap, box), sharded."""
+    return self.fn(variables, images, hires if self.joint else None, line_image, attributes)
+
+  def embed_lines(self, variables, images, hires, line_image, attributes):
+    """Host arrays of a few images (one process) and their lines -> host per-line outputs."""
+    devices = self.mesh.size
+    packing = image_batches.pack_lines(line_image, -(-len(images) // devices), devices)
+    ids, line = np.maximum(packing.image_id.reshape(-1), 0), packing.line.reshape(-1)
+    arrays = (images[ids], hires[ids] if self.joint else None, packing.slot_image.reshape(-1),
+              np.asarray(attributes, np.int32)[np.maximum(line, 0)])
+    outs = jax.device_get(self(variables, *parallel.shard_batch(self.mesh, arrays)))
+    return tuple(_by_line(np.asarray(o), line, len(line_image)) for o in outs)
+
+
+def _by_line(slots, line, count):
+  """Rows of line slots -> rows in line order (padding slots, line -1, dropped)."""
+  keep = line >= 0
+  out = np.empty((count,) + slots.shape[1:], slots.dtype)
+  out[line[keep]] = slots[keep]
+  return out
+
+
 def make_embed_fn(config, model, joint, mesh):
   fn = functools.partial(
-      retrieval_embedding, model=model, joint=joint, frame_size=config.data.image_size,
-      local_size=config.model.local_size, threshold=config.model.roi_threshold,
-      beta=config.eval.beta)
-  return jax.jit(fn, out_shardings=parallel.batch_sharding(mesh))
+      retrieval_embedding, model=model, mesh=mesh, joint=joint,
+      frame_size=config.data.image_size, local_size=config.model.local_size,
+      threshold=config.model.roi_threshold, beta=config.eval.beta)
+  return EmbedFn(jax.jit(fn, out_shardings=parallel.batch_sharding(mesh)), joint, mesh)
 
 
 @dataclasses.dataclass
@@ -60,45 +107,55 @@ class Embedded:
   gt_box: np.ndarray    # ground-truth box in [0, 1] view coordinates, -1 when unknown
 
 
-def embed_stream(config, variables, embed_fn, mesh, split, which, desc=None):
-  """Runs `embed_fn` over every line of a split's query or candidate file."""
+def embed_split(config, variables, embed_fn, mesh, split, desc=None):
+  """(queries, candidates): every line of a split's two files, each image loaded and run
+  through the backbones once (eval.batch_size images a step)."""
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, "eval.batch_size", mesh)
-  shard_index, shard_count = jax.process_index(), jax.process_count()
-  local_batch = batch_size // shard_count
-  stream = data_lib.make_eval_stream(config, split, which, batch_size=local_batch,
-                                     shard_index=shard_index, shard_count=shard_count)
-  total = data_lib.eval_stream_length(config, split, which, batch_size=local_batch,
-                                      shard_count=shard_count)
-  parts = {k: [] for k in ("emb", "attribute", "value", "image_id", "attmap", "box", "gt_box",
-                           "mask")}
-  bar = tqdm(stream, total=total, desc=desc or f"{split} {which}", leave=False,
-             disable=jax.process_index() != 0)
-  for batch in bar:
-    images, hires, attrs = parallel.shard_batch(
-        mesh, (batch["image"], batch["hires"], batch["attribute"]))
-    emb, attmap, box = embed_fn(variables, images, hires, attrs)
-    outs = dict(emb=emb, attmap=attmap, box=box)
-    if shard_count > 1:
+  files = [builder.eval_lines(config, split, which) for which in ("query", "candidate")]
+  table = np.concatenate(files)
+  devices, per_device = mesh.size, batch_size // mesh.size   # images of a step, of a device
+  per_process = devices // jax.process_count()                # devices of a process
+  packing = image_batches.pack_lines(table[:, 0], per_device, devices)
+  steps, slots = packing.num_chunks // devices, packing.line.shape[1]
+  mine = packing.chunks_of_process(devices, jax.process_index(), jax.process_count())
+  slot_image = packing.slot_image[mine].reshape(steps, -1)
+  attrs = table[np.maximum(packing.line[mine], 0), 1].reshape(steps, -1)
+  image_row = np.arange(per_process * slots) // slots * per_device + slot_image  # [steps, L * s]
+  stream = image_batches.make_image_stream(config, split, packing.image_id[mine],
+                                           batch_size=per_process * per_device)
+  parts = {k: [] for k in ("emb", "attmap", "box", "gt_box")}
+
+  def collect(outs, gt_box):
+    if jax.process_count() > 1:
       outs = multihost_utils.process_allgather(outs, tiled=True)
-      host = multihost_utils.process_allgather(
-          {k: batch[k] for k in ("attribute", "value", "image_id", "box", "mask")}, tiled=True)
-    else:
-      host = batch
-    for k, v in jax.device_get(outs).items():
+      gt_box = multihost_utils.process_allgather(gt_box, tiled=True)
+    for k, v in {**jax.device_get(outs), "gt_box": gt_box}.items():
       parts[k].append(np.asarray(v))
-    for k_out, k_in in (("attribute", "attribute"), ("value", "value"), ("image_id", "image_id"),
-                        ("gt_box", "box"), ("mask", "mask")):
-      parts[k_out].append(np.asarray(host[k_in]))
-  cat = {k: np.concatenate(v) for k, v in parts.items()}
-  keep = cat.pop("mask").astype(bool)
-  return Embedded(**{k: v[keep] for k, v in cat.items()})
+
+  pending = None
+  bar = tqdm(stream, total=steps, desc=desc or split, leave=False,
+             disable=jax.process_index() != 0)
+  for t, batch in enumerate(bar):
+    hires = batch["hires"] if embed_fn.joint else None   # only joint models crop
+    arrays = parallel.shard_batch(mesh, (batch["image"], hires, slot_image[t], attrs[t]))
+    emb, attmap, box = embed_fn(variables, *arrays)
+    if pending is not None:   # fetched after the next step is queued, so the device never waits
+      collect(*pending)
+    pending = dict(emb=emb, attmap=attmap, box=box), batch["boxes"][image_row[t], attrs[t]]
+  collect(*pending)
+  out = {k: _by_line(np.concatenate(v), packing.line.reshape(-1), len(table))
+         for k, v in parts.items()}
+  split_at = len(files[0])
+  return tuple(
+      Embedded(attribute=lines[:, 1].copy(), value=lines[:, 2].copy(), image_id=lines[:, 0].copy(),
+               **{k: v[rows] for k, v in out.items()})
+      for lines, rows in ((files[0], slice(0, split_at)), (files[1], slice(split_at, None))))
 
 
 def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names, value_names=None):
   """MAP (and pointing accuracy when boxes are known) of one split; returns (results, q, c)."""
-  queries = embed_stream(config, variables, embed_fn, mesh, split, "query")
-  cands = embed_stream(config, variables, embed_fn, mesh, split, "candidate")
+  queries, cands = embed_split(config, variables, embed_fn, mesh, split)
   num_attributes = len(attribute_names)
   results = retrieval.mean_average_precision(
       queries.emb, queries.attribute, queries.value, cands.emb, cands.attribute, cands.value,
@@ -163,7 +220,7 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   if viz_dir and jax.process_index() == 0:
     results["pictures"] = viz.write_pictures(config, split, queries, cands, info, viz_dir,
                                              viz_queries, variables=variables,
-                                             embed_fn=embed_fn, mesh=mesh)
+                                             embed_fn=embed_fn)
   return results
 
 

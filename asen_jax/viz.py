@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from asen_jax import parallel
 from asen_jax import pointing
 from asen_jax.data import builder
 from asen_jax.data import views
@@ -266,7 +264,7 @@ def _split_images(config, split):
 
 
 def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3, top_k=6,
-                   variables=None, embed_fn=None, mesh=None, grid_images=4):
+                   variables=None, embed_fn=None, grid_images=4):
   """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths."""
   os.makedirs(viz_dir, exist_ok=True)
   load = _split_images(config, split)
@@ -293,25 +291,19 @@ def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3
   if embed_fn is not None and grid_images:
     ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
     path = os.path.join(viz_dir, "attention_grid.png")
-    save_panel(model_attention_grid(config, variables, embed_fn, mesh, load, ids, info), path)
+    save_panel(model_attention_grid(config, variables, embed_fn, load, ids, info), path)
     paths.append(path)
   return paths
 
 
-def model_attention_grid(config, variables, embed_fn, mesh, load, image_ids, info):
+def model_attention_grid(config, variables, embed_fn, load, image_ids, info):
   """Where each attribute looks: images x attributes heatmaps of the global branch, with each
   attribute's ground-truth box and each map's maximum."""
   views = [load(i) for i in image_ids]
   n, num_attr = len(views), len(info.attributes)
-  images = np.stack([v[0] for v in views for _ in range(num_attr)])
-  hires = np.stack([v[1] for v in views for _ in range(num_attr)])
-  attrs = np.tile(np.arange(num_attr, dtype=np.int32), n)
-  pad = -len(attrs) % jax.device_count()
-  if pad:
-    images, hires, attrs = (np.concatenate([x, np.repeat(x[:1], pad, 0)])
-                            for x in (images, hires, attrs))
-  _, attmap, _ = embed_fn(variables, *parallel.shard_batch(mesh, (images, hires, attrs)))
-  attmap = np.asarray(jax.device_get(attmap))[:n * num_attr]
+  _, attmap, _ = embed_fn.embed_lines(
+      variables, np.stack([v[0] for v in views]), np.stack([v[1] for v in views]),
+      np.repeat(np.arange(n), num_attr), np.tile(np.arange(num_attr, dtype=np.int32), n))
   attmap = attmap.reshape((n, num_attr) + attmap.shape[1:])
   return attention_grid([v[0] for v in views], attmap, list(info.attributes),
                         stride=pointing.attention_stride(config),
