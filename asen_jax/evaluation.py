@@ -178,12 +178,14 @@ def evaluate_split(config, variables, embed_fn, mesh, split, attribute_names, va
 
 
 def load_for_eval(config, path, attributes):
-  """(model, variables, joint, meta) from a workdir/checkpoint folder or an official .pth.tar."""
+  """(model, variables, joint, meta) from a workdir/checkpoint folder or an official .pth.tar;
+  `attributes` None: whatever the checkpoint was trained on."""
   variables, meta = ckpt_lib.load_model(path, prefer="best")
-  ckpt_lib.check_attributes(meta, attributes, f"Checkpoint {path}")
+  if attributes is not None:
+    ckpt_lib.check_attributes(meta, attributes, f"Checkpoint {path}")
   joint = "local" in variables["params"]
   model = model_lib.build_model(ml_collections.ConfigDict({**config.model.to_dict(), **meta["model"]}),
-                                len(attributes), with_local=joint,
+                                meta["num_attributes"], with_local=joint,
                                 dtype=jnp.dtype(config.model.compute_dtype))
   reference = jax.eval_shape(lambda: model_lib.init_variables(
       model, jax.random.key(0), config.data.image_size, config.model.local_size))

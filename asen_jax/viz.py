@@ -14,6 +14,7 @@ from asen_jax.data import views
 
 RELEVANT_COLOUR = (0, 200, 0)
 IRRELEVANT_COLOUR = (220, 0, 0)
+NEUTRAL_COLOUR = (160, 160, 160)  # relevance unknown (a search of an unlabelled catalog)
 BOX_COLOUR = (255, 255, 0)      # predicted RoI
 GT_BOX_COLOUR = (0, 255, 255)   # ground-truth box
 PEAK_COLOUR = (255, 255, 255)   # attention maximum
@@ -129,7 +130,8 @@ def tile_origin(col: int, tile: int, top: int = TITLE_H) -> tuple[int, int]:
 def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Sequence[bool],
                     scores: Sequence[float], title: str, gt_box=None, *, tile: int = 160,
                     alpha: float = 0.5, stride: float | None = None) -> Image.Image:
-  """Query | heatmap with RoI box (yellow; GT cyan) | top-k with green/red frames and scores.
+  """Query | heatmap with RoI box (yellow; GT cyan) | top-k with green/red frames (grey where a
+  `relevant` entry is None) and scores.
 
   Boxes are (x0, y0, x1, y1) in [0, 1] coordinates of `query_image`. The panel is
   (PAD + (k + 2) * (tile + PAD)) wide and (TITLE_H + tile + CAPTION_H) high.
@@ -160,7 +162,7 @@ def retrieval_panel(query_image, attmap, box, candidates: Sequence, relevant: Se
     c_tile, _ = _fit(_as_uint8_rgb(cand, f"candidates[{i}]"), tile)
     x, y = tile_origin(i + 2, tile)
     panel.paste(c_tile, (x, y))
-    colour = RELEVANT_COLOUR if rel else IRRELEVANT_COLOUR
+    colour = NEUTRAL_COLOUR if rel is None else RELEVANT_COLOUR if rel else IRRELEVANT_COLOUR
     draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=colour, width=FRAME)
     draw.text((x, caption_y), f"#{i + 1}  {float(score):.3f}", fill=TEXT_COLOUR, font=font)
   return panel

@@ -1,0 +1,1 @@
+"""Attribute-specific image search: FAISS indexes of a catalog, built and queried with a checkpoint."""
