@@ -7,8 +7,8 @@ for ImageNet weights (assets/synthetic_backbone.npz when its record matches the 
 data, else -- or with --pretrain -- pretrains one by attribute classification), trains stage 1
 (global branch) into <workdir>/global and stage 2 (joint, from stage 1) into <workdir>/joint,
 evaluates both on the test split, writes pictures of the joint model into <workdir>/pictures and
-the numbers into <workdir>/results.json, and prints one table. Running it again reuses finished
-steps.
+the numbers into <workdir>/results.json, prints one table, indexes the test split for search
+(<workdir>/index) and prints the commands that query it. Running it again reuses finished steps.
 """
 from asen_jax import allocator
 
@@ -54,6 +54,13 @@ def main(argv):
         f"{pictures}/; numbers, with pointing per attribute value: "
         f"{os.path.join(_WORKDIR.value, 'results.json')} "
         f"({results['timings']['total_s'] / 60:.1f} min).")
+  index = os.path.join(_WORKDIR.value, "index")
+  image = os.path.join(_DATA_ROOT.value, "Synthetic", "images", "test", "000000.jpg")
+  print(f"\nSearch the test split by attribute ({index}, {results['timings']['index_s']:.0f} s "
+        f"to build), from the command line or in a browser (docs/search.md):\n"
+        f"  python search.py query --index {index} --image {image} --attribute neckline "
+        f"--top_k 5 --picture {os.path.join(_WORKDIR.value, 'query.png')}\n"
+        f"  python app.py --index {index}")
 
 
 if __name__ == "__main__":

@@ -125,11 +125,27 @@ def _jsonable(x):
   return x
 
 
+def ensure_index(config, checkpoint, index_dir, split):
+  """A flat search index of a split's candidate images (search.py), unless one of this model is
+  already there."""
+  from asen_jax.search import service  # pylint: disable=g-import-not-at-top
+  from asen_jax.search import store  # pylint: disable=g-import-not-at-top
+  if store.exists(index_dir):
+    try:
+      service.Searcher(index_dir, config, checkpoint)
+      print(f"Using the search index {index_dir}.")
+      return
+    except ValueError:   # another model's: build it again
+      pass
+  print(f"Indexing the {split} split for search -> {index_dir}", flush=True)
+  service.build(config, checkpoint, index_dir, {"kind": "flat"}, split=split)
+
+
 def run_demo(config_g, config_j, workdir, split="test", viz_queries=2, force_pretrain=False,
              shipped_backbone=SHIPPED_BACKBONE):
   """Runs every step of the demo with its stage-1 and stage-2 configs (configs/synthetic.py's
-  demo_configs, both backbones from <workdir>/backbone.npz); returns the results dict (also
-  written to results.json)."""
+  demo_configs, both backbones from <workdir>/backbone.npz), ending with a search index of the
+  split in <workdir>/index; returns the results dict (also written to results.json)."""
   t_start = time.time()
   ensure_data(config_g.data.root)
   backbone_file = config_g.model.init_backbones.global_file
@@ -157,6 +173,10 @@ def run_demo(config_g, config_j, workdir, split="test", viz_queries=2, force_pre
   res_j = evaluation.run_evaluation(config_j, joint_dir, split, viz_dir=pictures,
                                     viz_queries=viz_queries)
   timings["evaluate_s"] = time.time() - t0
+  t0 = time.time()
+  index_dir = os.path.join(workdir, "index")
+  ensure_index(config_j, joint_dir, index_dir, split)
+  timings["index_s"] = time.time() - t0
   timings["total_s"] = time.time() - t_start
   results = {"split": split, "backbone": backbone_source,
              "random": random_map_per_attribute(config_g, split), "global": res_g, "joint": res_j,
