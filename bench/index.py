@@ -12,7 +12,7 @@
    queries on it.
 
   python bench/index.py [--demo runs/demo] [--data_root data] [--paper_images 1000]
-      [--skip_vectors] [--queries 200]
+      [--vectors both|fashionai|100k|none] [--train_size 20000] [--queries 200]
 """
 import os
 import sys
@@ -49,17 +49,17 @@ def latency(ix, queries, nprobe):
   return 1e3 * np.median(times), 1e3 * np.percentile(times, 99)
 
 
-def bench_vectors(name, sizes, dim, n_queries, nprobe, seed=0):
+def bench_vectors(name, sizes, dim, n_queries, nprobe, train_size, seed=0):
   rng = np.random.default_rng(seed)
   catalogs = [unit(rng, n, dim) for n in sizes]
   queries = unit(rng, n_queries, dim)
   print(f"\n{name}: {len(sizes)} attribute(s), {sum(sizes):,} vectors of {dim} float32, "
-        f"{n_queries} single queries, top 10")
+        f"{n_queries} single queries, top 10, quantisers trained on <= {train_size:,} vectors")
   print(f"{'kind':<6}{'bytes/vector':>14}{'of flat':>9}{'build s':>9}{'median ms':>11}"
         f"{'p99 ms':>9}{'recall@10':>11}")
   exact = {}
   for kind in faiss_index.KINDS:
-    spec = faiss_index.IndexSpec(kind, dim, pq_bytes=64)
+    spec = faiss_index.IndexSpec(kind, dim, pq_bytes=64, train_size=train_size)
     t0 = time.perf_counter()
     indexes = [faiss_index.build(spec, x, np.arange(len(x))) for x in catalogs]
     build_s = time.perf_counter() - t0
@@ -191,17 +191,21 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--demo", default=None, help="A finished demo workdir (runs/demo).")
   parser.add_argument("--data_root", default="data", help="The demo's --data_root.")
-  parser.add_argument("--skip_vectors", action="store_true")
+  parser.add_argument("--vectors", default="both", choices=["both", "fashionai", "100k", "none"],
+                      help="Which random-vector catalogs to time.")
+  parser.add_argument("--train_size", type=int, default=20_000,
+                      help="Vectors that train the quantisers of the random-vector catalogs.")
   parser.add_argument("--paper_images", type=int, default=0,
                       help="Also index this many synthetic images with the paper-size model.")
   parser.add_argument("--queries", type=int, default=200)
   parser.add_argument("--nprobe", type=int, default=16)
   args = parser.parse_args()
-  if not args.skip_vectors:
+  if args.vectors in ("both", "fashionai"):
     bench_vectors("FashionAI-test-sized catalog", CANDIDATES_PER_ATTR, 2048, args.queries,
-                  args.nprobe)
+                  args.nprobe, args.train_size)
+  if args.vectors in ("both", "100k"):
     bench_vectors("One attribute of a 100,000-image catalog", (100_000,), 2048, args.queries,
-                  args.nprobe)
+                  args.nprobe, args.train_size)
   if args.demo:
     bench_demo(args.demo, args.data_root, args.queries)
   if args.paper_images:

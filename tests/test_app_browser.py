@@ -73,8 +73,6 @@ def test_upload_choose_search_shows_the_indexes_ranking(served):
       assert "neckline" in results.inner_text()
       assert page.locator("#gallery img").count() == 5
       assert page.locator("#attention img").count() == 1
-      if os.environ.get("ASEN_PAGE_SCREENSHOT"):
-        page.screenshot(path=os.environ["ASEN_PAGE_SCREENSHOT"], full_page=True)
     finally:
       browser.close()
   assert [(int(r), p) for r, _, p in rows] == [(w["rank"], w["path"]) for w in want]
