@@ -31,6 +31,14 @@ def attention_picture(searcher, extras, size=320):
   return np.asarray(im)
 
 
+def _labels(paths):
+  """Short unique names: the paths below their common folder."""
+  if len(paths) < 2:
+    return [os.path.basename(p) for p in paths]
+  root = os.path.commonpath([os.path.dirname(p) for p in paths])
+  return [os.path.relpath(p, root) for p in paths]
+
+
 def results_markdown(results, attribute):
   rows = [f"**{attribute}**: top {len(results)}", "", "| rank | score | image |",
           "| ---: | ---: | --- |"]
@@ -60,7 +68,7 @@ def make_page(searcher, top_k=10, catalog_choices=200):
       with gr.Column(scale=1):
         query = gr.Image(type="filepath", label="Query photo", sources=["upload"],
                          elem_id="query")
-        pick = gr.Dropdown(choices=[(os.path.basename(p), p) for p in items], value=None,
+        pick = gr.Dropdown(choices=list(zip(_labels(items), items)), value=None,
                            label="or a catalog image", elem_id="pick")
         attribute = gr.Dropdown(choices=attributes, value=attributes[0], label="Attribute",
                                 elem_id="attribute")

@@ -118,8 +118,8 @@ def remove(index_dir, images):
   gone = [i for i, p in index.live_items()
           if any(p == t or p.startswith(t.rstrip(os.sep) + os.sep) for t in targets)]
   if not gone:
-    raise ValueError(f"None of {', '.join(targets)} is in the index {index_dir}; `python "
-                     "search.py query` prints the indexed paths.")
+    raise ValueError(f"None of {', '.join(targets)} is in the index {index_dir}; give indexed "
+                     "files or folders that hold them (paths are compared as absolute paths).")
   for faiss_ix in index.indexes:
     faiss_index.remove(faiss_ix, gone)
   for i in gone:
