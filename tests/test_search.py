@@ -24,13 +24,14 @@ from tests import tiny_synthetic
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _save_model(config, path, seed):
+def _save_model(config, path, seed, joint=True):
   info = data_lib.dataset_info(config)
-  model = model_lib.build_model(config.model, len(info.attributes), with_local=True)
+  model = model_lib.build_model(config.model, len(info.attributes), with_local=joint)
   variables = model_lib.init_variables(model, jax.random.key(seed), config.data.image_size,
                                        config.model.local_size)
   ckpt_lib.save_model_variables(path, jax.device_get(variables), {
-      "attributes": list(info.attributes), "stage": "joint", "model": config.model.to_dict()})
+      "attributes": list(info.attributes), "stage": "joint" if joint else "global",
+      "model": config.model.to_dict()})
   return model, variables
 
 
@@ -196,3 +197,19 @@ def test_command_line_query_prints_the_ranking_and_a_picture(setup, tmp_path):
   assert [r["path"] for r in got] == [r["path"] for r in want]
   np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-5)
   assert picture.stat().st_size > 1000
+
+
+def test_a_stage1_checkpoint_indexes_the_global_embedding(setup, tmp_path):
+  config = tiny_synthetic.tiny_config(os.path.dirname(setup["folder"]), "global")
+  model, variables = _save_model(config, str(tmp_path / "g"), seed=6, joint=False)
+  images = _path_of(setup["folder"], "test")[:3]
+  index = service.build(config, str(tmp_path / "g"), str(tmp_path / "ix"), {"kind": "flat"},
+                        images=images)
+  assert index.meta["stage"] == "global" and index.indexes[0].d == config.model.embed_dim
+  mesh = parallel.make_mesh()
+  fn = evaluation.make_embed_fn(config, model, False, mesh)
+  view, hires = service.embedder_lib.load_image_views(images[1], config.data.image_size,
+                                                      config.data.hires_size)
+  emb, _, _ = fn.embed_lines(parallel.replicate(mesh, variables), view[None], hires[None], [0],
+                             [3])
+  np.testing.assert_allclose(index.indexes[3].reconstruct(1), emb[0], atol=1e-5)
