@@ -13,11 +13,12 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from asen_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
@@ -36,11 +37,13 @@ def main(argv):
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from asen_jax import evaluation  # After distributed init.
-  try:
-    results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
-                                       viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"evaluate.py: {e}") from None
+  # Checked before the work: an evaluation never loses its results to an unwritable path.
+  if _OUTPUT.value:
+    cli.check_writable(_OUTPUT.value, "--output", is_dir=False)
+  if _VIZ_DIR.value:
+    cli.check_writable(_VIZ_DIR.value, "--viz_dir")
+  results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
+                                      viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
   if jax.process_index() == 0:
     print(evaluation.format_table(results))
     if _OUTPUT.value:
@@ -51,4 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "evaluate.py")

@@ -7,11 +7,12 @@ from asen_jax import allocator
 
 allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from asen_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
@@ -31,11 +32,9 @@ def main(argv):
   from asen_jax import trainer  # After distributed init.
   logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)
-  try:
-    trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    raise SystemExit(f"train.py: {e}") from None
+  cli.check_writable(_WORKDIR.value, "Workdir")
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "train.py")

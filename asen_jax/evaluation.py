@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import config_checks
 from asen_jax import trees
 from asen_jax import data as data_lib
 from asen_jax import model as model_lib
@@ -204,10 +205,12 @@ def global_branch_map(queries, cands, embed_dim, attribute_names):
 
 def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   """Embeds a split with a checkpoint, returns the results dict (MAP in %)."""
+  mesh = parallel.make_mesh()
+  config_checks.check(config, num_devices=mesh.size)
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
   info = data_lib.dataset_info(config)
   model, variables, joint, meta = load_for_eval(config, checkpoint_path, info.attributes)
-  mesh = parallel.make_mesh()
+  config_checks.check_views(meta.get("views"), config, joint, f"Checkpoint {checkpoint_path}")
   variables = parallel.replicate(mesh, variables)
   embed_fn = make_embed_fn(config, model, joint, mesh)
   results, queries, cands = evaluate_split(config, variables, embed_fn, mesh, split,
