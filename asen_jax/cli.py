@@ -83,8 +83,8 @@ def run(main, prog):
     except Stopped as e:
       sys.exit(f"{prog}: {e}")
     except KeyboardInterrupt:
-      sys.exit(f"{prog}: interrupted before the next checkpoint; rerun the same command to "
-               "resume from the last one.")
+      sys.exit(f"{prog}: interrupted; run the same command again to continue (training resumes "
+               "from its last checkpoint).")
     except USER_ERRORS as e:
       sys.exit(f"{prog}: {e}")
   app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, prog))
