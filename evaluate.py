@@ -19,6 +19,8 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from asen_jax import distributed  # --distributed and the cluster flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
     lock_config=True)
@@ -27,14 +29,15 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluat
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 _VIZ_DIR = flags.DEFINE_string("viz_dir", None, "Write retrieval pictures (PNG) here.")
 _VIZ_QUERIES = flags.DEFINE_integer("viz_queries", 3, "Pictures per attribute.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
 def main(argv):
   del argv
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  try:
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    raise SystemExit(f"evaluate.py: {e}") from None
   from asen_jax import evaluation  # After distributed init.
   try:
     results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,

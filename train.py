@@ -13,21 +13,23 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from asen_jax import distributed  # --distributed and the cluster flags
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, config.")
 _INIT_FROM = flags.DEFINE_string("init_from", None, "Stage-1 workdir/checkpoint (or an official "
                                  ".pth.tar) whose model variables initialise this run.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() "
-                                 "(multi-host GPU/TPU; reads the cluster from the environment).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  try:
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    raise SystemExit(f"train.py: {e}") from None
   from asen_jax import trainer  # After distributed init.
   logging.info("JAX %d process(es), %d device(s): %s", jax.process_count(), jax.device_count(),
                jax.devices()[0].platform)

@@ -131,6 +131,8 @@ def prepare_dataset(config, verbose=True):
       print(f"Note: {path} was built from {source}, not {folder}; delete it to rebuild.")
     return path
   layout.check_layout(folder, config.data.name)
+  if verbose:
+    print(f"Building the {config.data.name} dataset from {folder} into {path}.", flush=True)
   builder = AsenFashion(config=config.data.name, data_dir=config.data.tfds_dir,
                         file_format="array_record", attributes=config.data.attributes,
                         num_values=config.data.num_values,
