@@ -32,6 +32,8 @@ def _env(devices):
   xla = [f for f in env.get("XLA_FLAGS", "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(xla + [f"--xla_force_host_platform_device_count={devices}"])
+  # Each process would compile the same hundred small eager ops (orbax's slicing, init).
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
 
 
@@ -199,6 +201,7 @@ def test_checkpoints_resume_under_the_other_process_count(runs):
 
 def test_killed_process_stops_the_other_and_the_rerun_resumes(runs):
   code, seconds = runs["kill"]
+  print(f"process 0 exited ({code}) {seconds:.1f} s after process 1 was killed")
   assert code != 0 and seconds < 120, (code, seconds)
   assert "another task died" in runs["killed"].text(0)
   last = runs["saved_before_rerun"][-1]
@@ -231,3 +234,16 @@ def test_stage2_and_test_evaluation_on_two_processes(runs, tmp_path):
   grids = [np.asarray(Image.open(os.path.join(d, "attention_grid.png")), np.int16)
            for d in (w["viz"], str(tmp_path))]
   assert np.abs(grids[0] - grids[1]).max() <= 2   # the same maps, up to float rounding
+
+
+def test_cluster_flags_are_all_or_none():
+  from asen_jax import distributed   # pylint: disable=g-import-not-at-top
+  assert distributed.cluster_args(None, None, None) == {}
+  assert distributed.cluster_args("10.0.0.1:1234", 2, 1) == {
+      "coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+  with pytest.raises(ValueError, match="--num_processes, --process_id missing"):
+    distributed.cluster_args("10.0.0.1:1234", None, None)
+  with pytest.raises(ValueError, match="needs a port"):
+    distributed.cluster_args("10.0.0.1", 2, 0)
+  with pytest.raises(ValueError, match=r"--process_id=2 must be in 0..1"):
+    distributed.cluster_args("10.0.0.1:1234", 2, 2)
