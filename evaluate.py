@@ -44,6 +44,11 @@ def main(argv):
                                        viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"evaluate.py: {e}") from None
+  except jax.errors.JaxRuntimeError as e:
+    sentence = distributed.failure_sentence(e, "start the same command on every host again.")
+    if sentence is None:
+      raise
+    raise SystemExit(f"evaluate.py: {sentence}") from None
   if jax.process_index() == 0:
     print(evaluation.format_table(results))
     if _OUTPUT.value:

@@ -37,6 +37,12 @@ def main(argv):
     trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, init_from=_INIT_FROM.value)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     raise SystemExit(f"train.py: {e}") from None
+  except jax.errors.JaxRuntimeError as e:
+    sentence = distributed.failure_sentence(
+        e, "start the same command on every host again to resume from the last checkpoint.")
+    if sentence is None:
+      raise
+    raise SystemExit(f"train.py: {sentence}") from None
 
 
 if __name__ == "__main__":

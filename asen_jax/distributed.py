@@ -54,6 +54,20 @@ def initialize_from_flags():
     return
   # CPU processes need a cross-process collectives library; GPU/TPU ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # An unreachable coordinator aborts the process from C++ after a while; say what it waited for.
+  logging.info("Joining the cluster at %s as process %s of %s.",
+               explicit.get("coordinator_address", "the environment's coordinator"),
+               explicit.get("process_id", "?"), explicit.get("num_processes", "?"))
   jax.distributed.initialize(**explicit, heartbeat_timeout_seconds=_HEARTBEAT.value)
   logging.info("Process %d of %d; %d local of %d devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def failure_sentence(error, again):
+  """One sentence for a runtime error of a run of several processes (a collective fails when a
+  partner dies: 'Connection reset by peer'); None with one process, where it stays an error."""
+  if jax.process_count() == 1:
+    return None
+  lines = str(error).strip().splitlines()
+  return (f"{lines[0] if lines else type(error).__name__}. With {jax.process_count()} processes "
+          f"this usually means that another one stopped; {again}")

@@ -32,8 +32,6 @@ def _env(devices):
   xla = [f for f in env.get("XLA_FLAGS", "").split()
          if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(xla + [f"--xla_force_host_platform_device_count={devices}"])
-  # Each process would compile the same hundred small eager ops (orbax's slicing, init).
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   return env
 
 
@@ -203,7 +201,11 @@ def test_killed_process_stops_the_other_and_the_rerun_resumes(runs):
   code, seconds = runs["kill"]
   print(f"process 0 exited ({code}) {seconds:.1f} s after process 1 was killed")
   assert code != 0 and seconds < 120, (code, seconds)
-  assert "another task died" in runs["killed"].text(0)
+  survivor = runs["killed"].text(0)
+  assert "another task died" in survivor   # JAX's coordination service, after the heartbeats
+  if "Connection reset by peer" in survivor:   # a collective failed first: one sentence, too
+    assert "train.py: " in survivor and "another one stopped; start the same command" in survivor
+    assert "Traceback" not in survivor
   last = runs["saved_before_rerun"][-1]
   assert last in (4, 6)
   log = runs["rerun"].text(0)
