@@ -7,12 +7,17 @@ A converted official checkpoint is a manager folder with one step holding {model
 `meta` is JSON: attributes, num_values, stage ('global'|'joint'), model (config.model), step, ...
 `load_model` reads any of these, and the official `.pth.tar` files, for every user of weights.
 """
+import dataclasses
+import json
 import os
 import shutil
 import time
+from typing import Any
 
 from absl import logging
+import grain.checkpoint as grain_ckpt
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from asen_jax import convert
@@ -68,11 +73,16 @@ def _reason(e):
 def load_model_variables(path, prefer="best", step=None):
   """Returns (variables as host numpy trees, meta dict, step) from any of our checkpoints."""
   directory = resolve_model_dir(path, prefer)
+  handlers = {"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
   try:
-    with _manager(directory, MODEL_ITEMS, read_only=True) as mngr:
+    with _manager(directory, MODEL_ITEMS, read_only=True, item_handlers=handlers) as mngr:
       step = _latest_step(mngr, directory) if step is None else step
+      # numpy targets: whole arrays on every process, whatever devices and processes saved them
+      # (without a target orbax restores onto the saved topology, or fails).
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                            mngr.item_metadata(step)["model"])
       restored = mngr.restore(step, args=ocp.args.Composite(
-          model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+          model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
   except FileNotFoundError as e:
     if "No finished checkpoint" in str(e):
       raise
@@ -127,16 +137,41 @@ def check_attributes(meta, attributes, source):
                      "the config of its dataset.")
 
 
+class DataHandler(grain_ckpt.CheckpointHandler):
+  """grain's iterator handler, restorable under any process count: grain names the state file
+  by process index and count, but the training stream's state is global (its step)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    states = {f.read_text() for f in directory.glob("process_*-of-*.json")}
+    if len(states) != 1:   # one file per process that saved, all the same
+      raise ValueError(f"{directory} holds {len(states)} distinct data iterator states, not one; "
+                       "it was not written by train.py.")
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class RunCheckpoints:
   """The latest (full training state) and best-by-MAP (model only) checkpoints of a run."""
 
   def __init__(self, workdir, keep_latest=2):
-    import grain.checkpoint as grain_ckpt  # Only training needs grain here.
-    self._grain_ckpt = grain_ckpt
     root = self._root = os.path.join(workdir, "checkpoints")
     self.latest = _manager(os.path.join(root, "latest"), ("model", "opt", "data", "meta"),
                            max_to_keep=keep_latest,
-                           item_handlers={"data": grain_ckpt.CheckpointHandler()})
+                           item_handlers={"data": DataHandler()})
     self.best = _manager(os.path.join(root, "best"), MODEL_ITEMS, max_to_keep=1)
 
   def latest_step(self):
@@ -185,13 +220,12 @@ class RunCheckpoints:
   def save_latest(self, step, variables, opt, data_iterator, meta):
     self._save(self.latest, step, ocp.args.Composite(
         model=ocp.args.StandardSave(variables), opt=ocp.args.StandardSave(opt),
-        data=self._grain_ckpt.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta)),
+        data=DataSave(data_iterator), meta=ocp.args.JsonSave(meta)),
         "latest")
 
   def save_best(self, step, variables, meta):
-    for old in self.best.all_steps():
-      if old != step:
-        self.best.delete(old)
+    for old in self.best.all_steps():   # incl. this step, from a run stopped before its latest
+      self.best.delete(old)
     self._save(self.best, step, ocp.args.Composite(
         model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), "best")
 
@@ -201,7 +235,7 @@ class RunCheckpoints:
     step, restored = self._newest_readable(ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_variables),
         opt=ocp.args.StandardRestore(abstract_opt),
-        data=self._grain_ckpt.CheckpointRestore(data_iterator),
+        data=DataRestore(data_iterator),
         meta=ocp.args.JsonRestore()))
     logging.info("Restored training state of step %d.", step)
     return restored["model"], restored["opt"], restored["data"], restored["meta"]

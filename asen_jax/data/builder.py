@@ -170,6 +170,8 @@ def prepare_dataset(config, verbose=True):
     _check_source(config, folder, path)
     return path
   layout.check_layout(folder, config.data.name)
+  if verbose:
+    print(f"Building the {config.data.name} dataset from {folder} into {path}.", flush=True)
   # Taken before the build reads anything: an edit during the build shows next time.
   files = source_files(folder, skip=[config.data.tfds_dir])
   builder = AsenFashion(config=config.data.name, data_dir=config.data.tfds_dir,
