@@ -16,10 +16,10 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 
+from asen_jax import cli
 from configs import common
 from configs import synthetic
 
@@ -64,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "demo.py")

@@ -13,11 +13,13 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 import json
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
+
+from asen_jax import cli
+from asen_jax import distributed  # --distributed and the cluster flags
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
@@ -27,20 +29,29 @@ _SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"], "Split to evaluat
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results as JSON here.")
 _VIZ_DIR = flags.DEFINE_string("viz_dir", None, "Write retrieval pictures (PNG) here.")
 _VIZ_QUERIES = flags.DEFINE_integer("viz_queries", 3, "Pictures per attribute.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize().")
 flags.mark_flags_as_required(["config", "checkpoint"])
 
 
 def main(argv):
   del argv
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  try:
+    distributed.initialize_from_flags()
+  except ValueError as e:
+    raise SystemExit(f"evaluate.py: {e}") from None
   from asen_jax import evaluation  # After distributed init.
+  # Checked before the work: an evaluation never loses its results to an unwritable path.
+  if _OUTPUT.value:
+    cli.check_writable(_OUTPUT.value, "--output", is_dir=False)
+  if _VIZ_DIR.value:
+    cli.check_writable(_VIZ_DIR.value, "--viz_dir")
   try:
     results = evaluation.run_evaluation(_CONFIG.value, _CHECKPOINT.value, _SPLIT.value,
-                                       viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"evaluate.py: {e}") from None
+                                        viz_dir=_VIZ_DIR.value, viz_queries=_VIZ_QUERIES.value)
+  except jax.errors.JaxRuntimeError as e:
+    sentence = distributed.failure_sentence(e, "start the same command on every host again.")
+    if sentence is None:
+      raise
+    raise SystemExit(f"evaluate.py: {sentence}") from None
   if jax.process_index() == 0:
     print(evaluation.format_table(results))
     if _OUTPUT.value:
@@ -51,4 +62,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "evaluate.py")

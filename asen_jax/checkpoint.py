@@ -7,10 +7,17 @@ A converted official checkpoint is a manager folder with one step holding {model
 `meta` is JSON: attributes, num_values, stage ('global'|'joint'), model (config.model), step, ...
 `load_model` reads any of these, and the official `.pth.tar` files, for every user of weights.
 """
+import dataclasses
+import json
 import os
+import shutil
+import time
+from typing import Any
 
 from absl import logging
+import grain.checkpoint as grain_ckpt
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from asen_jax import convert
@@ -57,13 +64,33 @@ def _latest_step(mngr, directory):
   return step
 
 
+def _reason(e):
+  """An exception as a short clause: its type and first line."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
 def load_model_variables(path, prefer="best", step=None):
   """Returns (variables as host numpy trees, meta dict, step) from any of our checkpoints."""
   directory = resolve_model_dir(path, prefer)
-  with _manager(directory, MODEL_ITEMS, read_only=True) as mngr:
-    step = _latest_step(mngr, directory) if step is None else step
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+  handlers = {"model": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  try:
+    with _manager(directory, MODEL_ITEMS, read_only=True, item_handlers=handlers) as mngr:
+      step = _latest_step(mngr, directory) if step is None else step
+      # numpy targets: whole arrays on every process, whatever devices and processes saved them
+      # (without a target orbax restores onto the saved topology, or fails).
+      target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype),
+                            mngr.item_metadata(step)["model"])
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  except FileNotFoundError as e:
+    if "No finished checkpoint" in str(e):
+      raise
+    raise ValueError(f"Checkpoint {directory}/{step} cannot be read ({_reason(e)}); it is "
+                     "incomplete or damaged: use another checkpoint of the run.") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"Checkpoint {directory}/{step} cannot be read ({_reason(e)}); it is "
+                     "incomplete or damaged: use another checkpoint of the run.") from None
   variables = jax.device_get(dict(restored["model"]))
   variables.setdefault("batch_stats", {})
   return variables, dict(restored["meta"]), step
@@ -110,49 +137,105 @@ def check_attributes(meta, attributes, source):
                      "the config of its dataset.")
 
 
+class DataHandler(grain_ckpt.CheckpointHandler):
+  """grain's iterator handler, restorable under any process count: grain names the state file
+  by process index and count, but the training stream's state is global (its step)."""
+
+  def restore(self, directory, item=None, args=None):
+    item = item or args.item
+    states = {f.read_text() for f in directory.glob("process_*-of-*.json")}
+    if len(states) != 1:   # one file per process that saved, all the same
+      raise ValueError(f"{directory} holds {len(states)} distinct data iterator states, not one; "
+                       "it was not written by train.py.")
+    item.set_state(json.loads(states.pop()))
+    item.start_prefetch()
+    return item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class RunCheckpoints:
   """The latest (full training state) and best-by-MAP (model only) checkpoints of a run."""
 
   def __init__(self, workdir, keep_latest=2):
-    import grain.checkpoint as grain_ckpt  # Only training needs grain here.
-    self._grain_ckpt = grain_ckpt
-    root = os.path.join(workdir, "checkpoints")
+    root = self._root = os.path.join(workdir, "checkpoints")
     self.latest = _manager(os.path.join(root, "latest"), ("model", "opt", "data", "meta"),
                            max_to_keep=keep_latest,
-                           item_handlers={"data": grain_ckpt.CheckpointHandler()})
+                           item_handlers={"data": DataHandler()})
     self.best = _manager(os.path.join(root, "best"), MODEL_ITEMS, max_to_keep=1)
 
   def latest_step(self):
     return self.latest.latest_step()
 
+  def _set_aside(self, step, e):
+    """Moves a damaged step out of the manager's folder (kept for a post-mortem) and warns."""
+    src = os.path.join(self._root, "latest", str(step))
+    dst = os.path.join(self._root, "damaged", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    logging.warning("Checkpoint %s cannot be read (%s); moved to %s, resuming from the one "
+                    "before.", src, _reason(e), dst)
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(dst), exist_ok=True)
+      shutil.move(src, dst)
+    self.latest.reload()
+
+  def _newest_readable(self, args):
+    """Restores `args` from the newest latest/ step that can be read, setting damaged ones aside."""
+    while (step := self.latest.latest_step()) is not None:
+      try:
+        return step, self.latest.restore(step, args=args)
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, e)
+    raise ValueError(f"No checkpoint in {self._root}/latest can be read; delete the workdir to "
+                     "start again.")
+
   def latest_meta(self):
-    step = self.latest.latest_step()
-    if step is None:
+    if self.latest.latest_step() is None:
       return None
-    return self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return self._newest_readable(ocp.args.Composite(meta=ocp.args.JsonRestore()))[1]["meta"]
+
+  def _save(self, mngr, step, args, kind):
+    try:
+      mngr.save(step, args=args, force=True)
+      mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e
+      while cause is not None and not isinstance(cause, OSError):
+        cause = cause.__cause__ or cause.__context__
+      good = self.latest.latest_step() if kind == "latest" else None
+      kept = f"; the last good one (step {good}) is intact" if good not in (None, step) else ""
+      raise OSError(f"Could not write the {kind} checkpoint of step {step} in {self._root} "
+                    f"({_reason(cause or e)}){kept}: free space or fix the folder, then run the "
+                    "same command again.") from None
 
   def save_latest(self, step, variables, opt, data_iterator, meta):
-    self.latest.save(step, args=ocp.args.Composite(
+    self._save(self.latest, step, ocp.args.Composite(
         model=ocp.args.StandardSave(variables), opt=ocp.args.StandardSave(opt),
-        data=self._grain_ckpt.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta)),
-        force=True)
-    self.latest.wait_until_finished()
+        data=DataSave(data_iterator), meta=ocp.args.JsonSave(meta)),
+        "latest")
 
   def save_best(self, step, variables, meta):
-    for old in self.best.all_steps():
-      if old != step:
-        self.best.delete(old)
-    self.best.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), force=True)
-    self.best.wait_until_finished()
+    for old in self.best.all_steps():   # incl. this step, from a run stopped before its latest
+      self.best.delete(old)
+    self._save(self.best, step, ocp.args.Composite(
+        model=ocp.args.StandardSave(variables), meta=ocp.args.JsonSave(meta)), "best")
 
   def restore_latest(self, abstract_variables, abstract_opt, data_iterator):
-    """Restores the newest training state into the given shapes/shardings and iterator."""
-    step = self.latest.latest_step()
-    restored = self.latest.restore(step, args=ocp.args.Composite(
+    """Restores the newest readable training state into the given shapes/shardings and
+    iterator (a damaged newest step is set aside with a warning)."""
+    step, restored = self._newest_readable(ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_variables),
         opt=ocp.args.StandardRestore(abstract_opt),
-        data=self._grain_ckpt.CheckpointRestore(data_iterator),
+        data=DataRestore(data_iterator),
         meta=ocp.args.JsonRestore()))
     logging.info("Restored training state of step %d.", step)
     return restored["model"], restored["opt"], restored["data"], restored["meta"]

@@ -10,13 +10,13 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import config_checks
 from asen_jax import trees
 from asen_jax import data as data_lib
 from asen_jax import model as model_lib
@@ -69,13 +69,14 @@ class EmbedFn:
     return self.fn(variables, images, hires if self.joint else None, line_image, attributes)
 
   def embed_lines(self, variables, images, hires, line_image, attributes):
-    """Host arrays of a few images (one process) and their lines -> host per-line outputs."""
+    """Host arrays of a few images and their lines -> host per-line outputs. With several
+    processes every process calls it with the same arrays."""
     devices = self.mesh.size
     packing = image_batches.pack_lines(line_image, -(-len(images) // devices), devices)
     ids, line = np.maximum(packing.image_id.reshape(-1), 0), packing.line.reshape(-1)
     arrays = (images[ids], hires[ids] if self.joint else None, packing.slot_image.reshape(-1),
               np.asarray(attributes, np.int32)[np.maximum(line, 0)])
-    outs = jax.device_get(self(variables, *parallel.shard_batch(self.mesh, arrays)))
+    outs = parallel.to_host(self(variables, *parallel.put_global(self.mesh, arrays)))
     return tuple(_by_line(np.asarray(o), line, len(line_image)) for o in outs)
 
 
@@ -127,10 +128,7 @@ def embed_split(config, variables, embed_fn, mesh, split, desc=None):
   parts = {k: [] for k in ("emb", "attmap", "box", "gt_box")}
 
   def collect(outs, gt_box):
-    if jax.process_count() > 1:
-      outs = multihost_utils.process_allgather(outs, tiled=True)
-      gt_box = multihost_utils.process_allgather(gt_box, tiled=True)
-    for k, v in {**jax.device_get(outs), "gt_box": gt_box}.items():
+    for k, v in {**parallel.to_host(outs), "gt_box": parallel.to_host(gt_box)}.items():
       parts[k].append(np.asarray(v))
 
   pending = None
@@ -206,10 +204,12 @@ def global_branch_map(queries, cands, embed_dim, attribute_names):
 
 def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   """Embeds a split with a checkpoint, returns the results dict (MAP in %)."""
+  mesh = parallel.make_mesh()
+  config_checks.check(config, num_devices=mesh.size)
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
   info = data_lib.dataset_info(config)
   model, variables, joint, meta = load_for_eval(config, checkpoint_path, info.attributes)
-  mesh = parallel.make_mesh()
+  config_checks.check_views(meta.get("views"), config, joint, f"Checkpoint {checkpoint_path}")
   variables = parallel.replicate(mesh, variables)
   embed_fn = make_embed_fn(config, model, joint, mesh)
   results, queries, cands = evaluate_split(config, variables, embed_fn, mesh, split,
@@ -219,10 +219,12 @@ def run_evaluation(config, checkpoint_path, split, viz_dir=None, viz_queries=3):
   if joint and config.eval.beta > 0:   # beta = 0 leaves no global block to rank by
     results["global_branch"] = global_branch_map(queries, cands, model.embed_dim,
                                                  info.attributes)
-  if viz_dir and jax.process_index() == 0:
-    results["pictures"] = viz.write_pictures(config, split, queries, cands, info, viz_dir,
-                                             viz_queries, variables=variables,
-                                             embed_fn=embed_fn)
+  if viz_dir:   # every process: the attention grid runs the model on the global mesh
+    paths = viz.write_pictures(config, split, queries, cands, info, viz_dir, viz_queries,
+                               variables=variables, embed_fn=embed_fn,
+                               write=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      results["pictures"] = paths
   return results
 
 

@@ -4,6 +4,7 @@ The batch is sharded on 'data', the training state is replicated; `jax.jit` inse
 collectives (BatchNorm statistics and gradients are reduced over the global batch), so the same
 code runs on one CPU, eight GPUs or many TPU hosts.
 """
+import itertools
 import logging
 
 import jax
@@ -62,12 +63,50 @@ def quiet_library_logs():
   logging.getLogger("absl").addFilter(_DropLibraryInfo())
 
 
+# A dataset build can take hours: the others wait on the coordination service's key-value store
+# that long (a collective such as multihost_utils.sync_global_devices would time out first).
+WAIT_MS = 24 * 3600 * 1000
+_CALLS = itertools.count()
+
+
 def process0_first(fn, name):
-  """Runs fn on process 0, then (after a barrier) on the others: e.g. building a dataset on a
-  shared filesystem once instead of racing."""
+  """Runs fn on process 0, then on the others: e.g. building a dataset on a shared filesystem
+  once instead of racing (without a shared one, each host builds its own). An error on process 0
+  stops every process with its message."""
   if jax.process_count() == 1:
     return fn()
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  key = f"asen_jax/process0_first/{name}/{next(_CALLS)}"
+  if jax.process_index() == 0:
+    try:
+      out = fn()
+    except Exception as e:
+      client.key_value_set(key, f"{type(e).__name__}: {e}")
+      raise
+    client.key_value_set(key, "")
+    return out
+  failed = client.blocking_key_value_get(key, WAIT_MS)
+  if failed:
+    raise ValueError(f"process 0 failed in {name}: {failed}")
+  return fn()
+
+
+def put_global(mesh, tree):
+  """Host arrays that every process holds whole (leading batch axis) -> arrays sharded on
+  'data', each process placing only its own devices' rows."""
+  sharding = batch_sharding(mesh)
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+  return jax.tree.map(put, tree)
+
+
+def to_host(tree):
+  """Device arrays -> numpy on every process; with several processes the rows other processes
+  hold are gathered."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  out = fn() if jax.process_index() == 0 else None
-  multihost_utils.sync_global_devices(name)
-  return out if jax.process_index() == 0 else fn()
+  return multihost_utils.process_allgather(tree, tiled=True)

@@ -8,7 +8,6 @@ Start order (as big_vision): resume this workdir's own run; else --init_from; el
 ImageNet backbones; else scratch.
 """
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -19,16 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import config_checks
 from asen_jax import data as data_lib
 from asen_jax import evaluation
 from asen_jax import losses
 from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import roi
+from asen_jax import runs
 from asen_jax import warm_start
 
 
@@ -132,32 +132,6 @@ def make_train_step(config, model, tx, joint, mesh):
   return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-class MetricWriter:
-  """JSON lines + TensorBoard, written by process 0 only (clu 0.0.12's metric_writers cannot be
-  imported without TensorFlow, so they are not used)."""
-
-  def __init__(self, workdir):
-    self.active = jax.process_index() == 0
-    if self.active:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step, scalars):
-    if not self.active:
-      return
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      if isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, int(step))
-    self._tb.flush()
-
-  def close(self):
-    if self.active:
-      self._jsonl.close()
-      self._tb.close()
-
-
 BN_STATS = {"per_role": 3, "batch": 1}   # train.bn_stats -> BatchNorm groups of a batch
 
 
@@ -205,7 +179,8 @@ def abstract_state(config, model, tx, mesh):
 def _meta(config, info, step, **extra):
   return {"attributes": list(info.attributes), "num_values": list(info.num_values),
           "stage": config.stage, "model": config.model.to_dict(), "step": int(step),
-          "dataset": config.data.name, "bn_stats": config.train.bn_stats, **extra}
+          "dataset": config.data.name, "bn_stats": config.train.bn_stats,
+          "views": config_checks.views(config), **extra}
 
 
 def check_resumable(workdir, meta, config, info):
@@ -229,22 +204,40 @@ def check_resumable(workdir, meta, config, info):
 
 
 def train_and_evaluate(config, workdir, init_from=None):
-  """Runs (or resumes) one training stage; returns the final TrainState on the host."""
-  os.makedirs(workdir, exist_ok=True)
-  parallel.quiet_library_logs()
+  """Runs (or resumes) one training stage; returns the final TrainState on the host.
+
+  One run per workdir at a time (runs.WorkdirLock); SIGTERM and Ctrl-C save and raise
+  runs.Stopped."""
   mesh = parallel.make_mesh()
-  parallel.check_batch_size(config.train.batch_size, mesh=mesh)
+  config_checks.check(config, num_devices=mesh.size)
+  os.makedirs(workdir, exist_ok=True)
+  lock = runs.WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    return _train(config, workdir, init_from, mesh)
+  finally:
+    if lock:
+      lock.release()
+
+
+def _train(config, workdir, init_from, mesh):
+  parallel.quiet_library_logs()
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
   info, model, tx, joint = build(config)
   if config.stage == "joint" and not init_from:
     logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
                     "paper initialises it from the last stage-1 checkpoint.")
   ckpts = ckpt_lib.RunCheckpoints(workdir)
-  if ckpts.latest_step() is not None:
-    check_resumable(workdir, ckpts.latest_meta(), config, info)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  try:
+    resume_step = ckpts.latest_step()
+    if resume_step is not None:
+      check_resumable(workdir, ckpts.latest_meta(), config, info)
+    runs.accept(workdir, config, init_from, resume_step)
+    return _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts)
+  finally:
+    ckpts.close()
+
+
+def _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts):
   loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
                                       shard_count=jax.process_count())
   data_iter = iter(loader)
@@ -263,10 +256,10 @@ def train_and_evaluate(config, workdir, init_from=None):
 
   step_fn = make_train_step(config, model, tx, joint, mesh)
   embed_fn = evaluation.make_embed_fn(config, model, joint, mesh)
-  writer = MetricWriter(workdir)
-  per_epoch, last = steps_per_epoch(config), total_steps(config)
   step = int(jax.device_get(state.step))
   first = step
+  writer = runs.MetricWriter(workdir, resume_step=step if step else None)
+  per_epoch, last = steps_per_epoch(config), total_steps(config)
 
   def save_latest(step):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -286,48 +279,50 @@ def train_and_evaluate(config, workdir, init_from=None):
              disable=jax.process_index() != 0, dynamic_ncols=True)
   tick, tick_step = time.time(), step
   try:
-    while step < last:
-      batch = next(data_iter)
-      arrays = parallel.shard_batch(mesh, {k: batch[k] for k in ("images", "hires", "attribute")})
-      state, metrics = step_fn(state, arrays)
-      step += 1
-      bar.update(1)
-      epoch_end = step % per_epoch == 0
-      log_now = step % config.train.log_every == 0 or step == last or epoch_end
-      save_now = step % config.train.checkpoint_every == 0 or epoch_end or step == last
-      if not (log_now or save_now):
-        continue  # Metrics stay on the device between logging steps.
-      check_finite(step, metrics)
-      if log_now:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        rate = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
-        tick, tick_step = now, step
-        writer.write(step, {**metrics, "triplets_per_s": rate, "epoch": step / per_epoch})
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", trip_s=f"{rate:.1f}")
-      # Also at the last step, so a run cut short by train.max_steps has a best checkpoint.
-      if step == last or (epoch_end and (step // per_epoch) % config.train.eval_every_epochs == 0):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        results, _, _ = evaluation.evaluate_split(config, variables, embed_fn, mesh,
-                                                  config.eval.split, info.attributes)
-        val_map = results["map_overall"]
-        writer.write(step, {"val_map": val_map, "val_map_random": results["map_random"]})
-        logging.info("step %d epoch %d: validation MAP %.2f (random ranking %.2f)", step,
-                     step // per_epoch, val_map, results["map_random"])
-        if val_map > best_map:
-          best_map = val_map
-          ckpts.save_best(step, variables, _meta(config, info, step, map=val_map))
-        tick = time.time()
-      if save_now:
-        save_latest(step)
-  except KeyboardInterrupt:
-    if int(jax.device_get(state.step)) == step:
-      logging.warning("Interrupted at step %d; saving the latest checkpoint before exiting.", step)
-      save_latest(step)
-    raise
+    with runs.StopSignals() as stop:
+      while step < last:
+        batch = next(data_iter)
+        arrays = parallel.shard_batch(mesh, {k: batch[k] for k in ("images", "hires", "attribute")})
+        state, metrics = step_fn(state, arrays)
+        step += 1
+        bar.update(1)
+        epoch_end = step % per_epoch == 0
+        log_now = step % config.train.log_every == 0 or step == last or epoch_end
+        save_now = step % config.train.checkpoint_every == 0 or epoch_end or step == last
+        if stop.requested():
+          log_now = save_now = True
+        if not (log_now or save_now):
+          continue  # Metrics stay on the device between logging steps.
+        check_finite(step, metrics)
+        if log_now:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.time()
+          rate = (step - tick_step) * config.train.batch_size / max(now - tick, 1e-9)
+          tick, tick_step = now, step
+          writer.write(step, {**metrics, "triplets_per_s": rate, "epoch": step / per_epoch})
+          bar.set_postfix(loss=f"{metrics['loss']:.4f}", trip_s=f"{rate:.1f}")
+        # Also at the last step, so a run cut short by train.max_steps has a best checkpoint.
+        if step == last or (epoch_end and (step // per_epoch) % config.train.eval_every_epochs
+                            == 0):
+          variables = {"params": state.params, "batch_stats": state.batch_stats}
+          results, _, _ = evaluation.evaluate_split(config, variables, embed_fn, mesh,
+                                                    config.eval.split, info.attributes)
+          val_map = results["map_overall"]
+          writer.write(step, {"val_map": val_map, "val_map_random": results["map_random"]})
+          logging.info("step %d epoch %d: validation MAP %.2f (random ranking %.2f)", step,
+                       step // per_epoch, val_map, results["map_random"])
+          if val_map > best_map:
+            best_map = val_map
+            ckpts.save_best(step, variables, _meta(config, info, step, map=val_map))
+          tick = time.time()
+        if save_now:
+          save_latest(step)
+        if stop.requested():
+          raise runs.Stopped(f"{stop.received or 'a signal to another process'}: saved step "
+                             f"{step} in {workdir}/checkpoints/latest; run the same command again "
+                             "to resume.")
   finally:
     bar.close()
     writer.close()
-    ckpts.close()
   logging.info("Finished %s: %d steps (%d this run).", config.stage, step, step - first)
   return jax.device_get(state)

@@ -266,10 +266,20 @@ def _split_images(config, split):
 
 
 def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3, top_k=6,
-                   variables=None, embed_fn=None, grid_images=4):
-  """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths."""
-  os.makedirs(viz_dir, exist_ok=True)
+                   variables=None, embed_fn=None, grid_images=4, write=True):
+  """Retrieval panels (a few queries per attribute) and an attention grid; returns the paths.
+
+  With several processes every process calls it (the grid runs the model on the global mesh)
+  and only the one with `write` draws and saves.
+  """
   load = _split_images(config, split)
+  grid = None
+  if embed_fn is not None and grid_images:
+    ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
+    grid = model_attention_grid(config, variables, embed_fn, load, ids, info)
+  if not write:
+    return []
+  os.makedirs(viz_dir, exist_ok=True)
   frame = float(config.data.image_size)
   paths = []
   for a, name in enumerate(info.attributes):
@@ -290,10 +300,9 @@ def write_pictures(config, split, queries, cands, info, viz_dir, per_attribute=3
       path = os.path.join(viz_dir, f"{name}_query{int(queries.image_id[q])}.png")
       save_panel(panel, path)
       paths.append(path)
-  if embed_fn is not None and grid_images:
-    ids = list(dict.fromkeys(queries.image_id.tolist()))[:grid_images]
+  if grid is not None:
     path = os.path.join(viz_dir, "attention_grid.png")
-    save_panel(model_attention_grid(config, variables, embed_fn, load, ids, info), path)
+    save_panel(grid, path)
     paths.append(path)
   return paths
 

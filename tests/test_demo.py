@@ -53,7 +53,8 @@ def test_other_settings_data_or_bytes_are_named(data_root, made, tmp_path):
     first = f.readline().strip()
   with open(other / "Synthetic" / first, "ab") as f:
     f.write(b"\0")
-  config = tiny_config(data_root, "global", {**PRETRAIN, "data.root": str(other)})
+  config = tiny_config(data_root, "global", {**PRETRAIN, "data.root": str(other),
+                                             "data.tfds_dir": str(other / "tfds")})
   assert pretrain.why_not_reusable(made, config) == (
       f"it was pretrained on other training data than {other}/Synthetic")
   # The weights were replaced after the record was written.

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import config_checks
 from asen_jax import convert
 from asen_jax import data as data_lib
 from asen_jax import model as model_lib
@@ -149,7 +150,9 @@ def test_batch_size_not_divisible_by_devices(data_root, tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path / "w"))
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
+  # A resume may not change train.lr (test_faults.py); here it is how the loss blows up mid-run.
+  monkeypatch.setattr(config_checks, "RESUMABLE", config_checks.RESUMABLE | {"train.lr"})
   workdir = str(tmp_path / "w")
   good = tiny_config(data_root, "global", {"train.max_steps": 2, "train.log_every": 1})
   trainer.train_and_evaluate(good, workdir)

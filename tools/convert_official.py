@@ -13,6 +13,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from asen_jax import checkpoint as ckpt_lib  # noqa: E402  pylint: disable=g-import-not-at-top
+from asen_jax import cli  # noqa: E402  pylint: disable=g-import-not-at-top
 from asen_jax import resnet  # noqa: E402  pylint: disable=g-import-not-at-top
 
 # Fields that decide the variables' shapes; compared between checkpoint and config.
@@ -64,7 +65,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   # Flags are defined here only, so importing this file (tests) defines none.
@@ -73,4 +73,4 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "official model_best.pth.tar / checkpoint.pth.tar")
   flags.DEFINE_string("output", None, "folder to write (orbax model checkpoint)")
   flags.mark_flags_as_required(["config", "checkpoint", "output"])
-  app.run(main)
+  cli.run(main, "convert_official.py")

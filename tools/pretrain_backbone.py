@@ -20,9 +20,10 @@ from asen_jax import allocator  # noqa: E402
 
 allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from asen_jax import cli  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "configs/<dataset>.py:<stage>; fields: --config.<field>=<value>",
@@ -42,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "pretrain_backbone.py")

@@ -120,23 +120,68 @@ def is_built(config):
   return os.path.isfile(os.path.join(builder_dir(config), "dataset_info.json"))
 
 
+SOURCE_RECORD = "source_files.json"
+
+
+def source_files(folder, skip=()):
+  """{relative path: [size, mtime_ns]} of every file under `folder` (hidden ones and the `skip`
+  folders aside): enough to notice an edit, a deletion or an addition after a build."""
+  out, skip = {}, {os.path.abspath(p) for p in skip}
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and os.path.abspath(os.path.join(root, d)) not in skip)
+    for name in files:
+      if not name.startswith("."):
+        p = os.path.join(root, name)
+        st = os.stat(p)
+        out[os.path.relpath(p, folder)] = [st.st_size, st.st_mtime_ns]
+  return out
+
+
+def _check_source(config, folder, path):
+  """One sentence when the built dataset at `path` came from another folder, or from this one
+  before it changed."""
+  rebuild = (f"delete {path} to rebuild it from {folder}, or set data.tfds_dir to another "
+             "folder")
+  source = load_metadata(config).get("source")
+  if source and os.path.abspath(folder) != source:
+    raise ValueError(f"The dataset at {path} was built from {source}, but the config reads "
+                     f"{folder}; {rebuild}.")
+  record = os.path.join(path, SOURCE_RECORD)
+  if not os.path.isfile(record) or not os.path.isdir(folder):
+    return   # built before the record existed, or the source is not on this machine
+  with open(record) as f:
+    then = json.load(f)
+  now = source_files(folder, skip=[config.data.tfds_dir])
+  changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+  if changed:
+    what = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    raise ValueError(f"{folder} changed after the dataset at {path} was built from it ({what}); "
+                     f"{rebuild}.")
+
+
 def prepare_dataset(config, verbose=True):
-  """Builds <data.root>/<data.folder> into data.tfds_dir unless already built; returns the path."""
+  """Builds <data.root>/<data.folder> into data.tfds_dir unless already built; returns the path.
+  A build records its source's files; a later run on a changed source stops with one sentence."""
   layout.check_name(config.data.name)
   path = builder_dir(config)
   folder = os.path.join(config.data.root, config.data.folder)
   if is_built(config):
-    source = load_metadata(config).get("source")
-    if verbose and source and os.path.abspath(folder) != source:
-      print(f"Note: {path} was built from {source}, not {folder}; delete it to rebuild.")
+    _check_source(config, folder, path)
     return path
   layout.check_layout(folder, config.data.name)
+  if verbose:
+    print(f"Building the {config.data.name} dataset from {folder} into {path}.", flush=True)
+  # Taken before the build reads anything: an edit during the build shows next time.
+  files = source_files(folder, skip=[config.data.tfds_dir])
   builder = AsenFashion(config=config.data.name, data_dir=config.data.tfds_dir,
                         file_format="array_record", attributes=config.data.attributes,
                         num_values=config.data.num_values,
                         skip_corrupt=config.data.skip_corrupt, verbose=verbose)
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=folder))
+  with open(os.path.join(path, SOURCE_RECORD), "w") as f:
+    json.dump(files, f)
   return path
 
 

@@ -85,7 +85,8 @@ class _LoadTriplet(grain.transforms.Map):
              for r in records]
     return {"images": np.stack([v for v, _ in views]),
             "hires": np.stack([h for _, h in views]),
-            "attribute": np.int32(a), "value_pos": np.int32(vp), "value_neg": np.int32(vn)}
+            "attribute": np.int32(a), "value_pos": np.int32(vp), "value_neg": np.int32(vn),
+            "index": np.int64(index)}
 
 
 class _ShardIndexMap(grain.transforms.Map):
@@ -198,8 +199,9 @@ def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_coun
   """Infinite grain IterDataset of this process's training batches.
 
   Yields {'images': uint8[B, 3, S, S, 3] (anchor, positive, negative), 'hires': uint8[B, 3, R,
-  R, 3], 'attribute', 'value_pos', 'value_neg': int32[B]} with B = train.batch_size //
-  shard_count. `iter()` gives a grain DatasetIterator whose get_state/set_state ({'step': t},
+  R, 3], 'attribute', 'value_pos', 'value_neg': int32[B], 'index': int64[B] (the triplets'
+  positions in the global stream)} with B = train.batch_size // shard_count. `iter()` gives a
+  grain DatasetIterator whose get_state/set_state ({'step': t},
   orbax-checkpointable with grain.checkpoint.CheckpointSave/CheckpointRestore) resume at global
   step t under any worker count. `start_step` starts there without a saved state.
   """
