@@ -10,9 +10,10 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
+
+from asen_jax import cli
 
 _INDEX = flags.DEFINE_string("index", None, "Index folder written by search.py build.")
 _PORT = flags.DEFINE_integer("port", 7860, "Port on 127.0.0.1.")
@@ -26,10 +27,7 @@ def main(argv):
   os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")   # nothing leaves the machine
   from asen_jax.search import page as page_lib  # pylint: disable=g-import-not-at-top
   from asen_jax.search import service  # pylint: disable=g-import-not-at-top
-  try:
-    searcher = service.Searcher(_INDEX.value)
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"app.py: {e}") from None
+  searcher = service.Searcher(_INDEX.value)   # cli.run turns user errors into one line
   page = page_lib.make_page(searcher, top_k=_TOP_K.value)
   print(f"Serving the search page of {_INDEX.value} at http://127.0.0.1:{_PORT.value} "
         "(Ctrl+C stops it).", flush=True)
@@ -38,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "app.py")

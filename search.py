@@ -3,7 +3,8 @@
   python search.py build --config configs/synthetic.py:joint --checkpoint runs/demo/joint \
       --split test --index runs/demo/index [--kind flat|sq8|pq|ivf]
   python search.py build ... --images photos/ (image files or folders, searched recursively)
-  python search.py add --index DIR --images new/ ;  python search.py remove --index DIR --images old.jpg
+  python search.py add --index DIR --images new/
+  python search.py remove --index DIR --images old.jpg
   python search.py query --index DIR --image q.jpg --attribute neckline --top_k 10 [--json]
       [--picture out.png]
 
@@ -16,10 +17,11 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
 import json
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+from asen_jax import cli
 
 COMMANDS = ("build", "add", "remove", "query")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -98,11 +100,10 @@ def main(argv):
     raise SystemExit(f"search.py: give one command, {', '.join(COMMANDS)} (got "
                      f"{' '.join(argv[1:]) or 'none'}); see the top of search.py.")
   logging.set_verbosity(logging.ERROR)   # tqdm shows progress; orbax's notes would bury it
-  try:
-    run(argv[1])
-  except (ValueError, FileNotFoundError) as e:
-    raise SystemExit(f"search.py: {e}") from None
+  if _PICTURE.value:   # checked before the model loads
+    cli.check_writable(_PICTURE.value, "--picture", is_dir=False)
+  run(argv[1])   # cli.run turns user errors into one line
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, "search.py")

@@ -1,4 +1,4 @@
-"""Search: flat equals brute force over evaluation's embeddings; add/remove; atomic writes; errors."""
+"""Search: flat == brute force over evaluation's embeddings; add/remove; atomic writes; errors."""
 import json
 import os
 import shutil
@@ -169,7 +169,7 @@ def test_bad_input_gets_one_sentence(setup, tmp_path):
   (tmp_path / "empty").mkdir()
   (tmp_path / "empty.jpg").write_bytes(b"")
   (tmp_path / "text.jpg").write_text("not an image")
-  with pytest.raises(ValueError, match=r"Unknown attribute 'collar'; this model knows colour, length"):
+  with pytest.raises(ValueError, match=r"Unknown attribute 'collar'; this model knows colour, len"):
     searcher.query(image, "collar")
   with pytest.raises(ValueError, match="empty.jpg is empty"):
     searcher.query(str(tmp_path / "empty.jpg"), "colour")

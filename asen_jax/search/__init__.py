@@ -1,1 +1,1 @@
-"""Attribute-specific image search: FAISS indexes of a catalog, built and queried with a checkpoint."""
+"""Attribute-specific image search: per-attribute FAISS indexes of a catalog, and queries."""
