@@ -56,8 +56,9 @@ def main(argv):
         f"({results['timings']['total_s'] / 60:.1f} min).")
   index = os.path.join(_WORKDIR.value, "index")
   image = os.path.join(_DATA_ROOT.value, "Synthetic", "images", "test", "000000.jpg")
-  print(f"\nSearch the test split by attribute ({index}, {results['timings']['index_s']:.0f} s "
-        f"to build), from the command line or in a browser (docs/search.md):\n"
+  print(f"\nSearch the test split by attribute ({index}; index step "
+        f"{results['timings']['index_s']:.0f} s), from the command line or in a browser "
+        f"(docs/search.md):\n"
         f"  python search.py query --index {index} --image {image} --attribute neckline "
         f"--top_k 5 --picture {os.path.join(_WORKDIR.value, 'query.png')}\n"
         f"  python app.py --index {index}")
