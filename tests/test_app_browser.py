@@ -1,5 +1,6 @@
 """The search page in a real browser: Debian's headless Chromium driven by Playwright uploads a
-photo, chooses an attribute, clicks Search and reads the ranking the index gives."""
+photo, chooses an attribute, clicks Search and reads the ranking the index gives; then picks a
+catalog image instead."""
 import os
 import re
 import shutil
@@ -73,8 +74,16 @@ def test_upload_choose_search_shows_the_indexes_ranking(served):
       assert "neckline" in results.inner_text()
       assert page.locator("#gallery img").count() == 5
       assert page.locator("#attention img").count() == 1
+      # A catalog image picked instead: it finds itself first (flat, cosine 1).
+      picked = searcher.index.items[7]
+      page.locator("#pick input").fill(os.path.basename(picked))
+      page.get_by_role("option", name=os.path.basename(picked), exact=True).click()
+      page.locator("#search").click()
+      page.locator("#results tr").nth(1).get_by_text(picked).wait_for(timeout=60_000)
+      first = re.findall(r"^\s*1\s+([-\d.]+)\s+(\S+)\s*$", results.inner_text(), re.M)
     finally:
       browser.close()
+  assert first == [("1.0000", picked)]
   assert [(int(r), p) for r, _, p in rows] == [(w["rank"], w["path"]) for w in want]
   for (_, score, _), w in zip(rows, want):
     assert float(score) == pytest.approx(w["score"], abs=1e-4)
