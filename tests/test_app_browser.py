@@ -63,13 +63,15 @@ def test_upload_choose_search_shows_the_indexes_ranking(served):
     browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
     try:
       page = browser.new_page(viewport={"width": 1280, "height": 900})
+      # The first search compiles the model in the server: minutes on a loaded 2-core machine.
+      page.set_default_timeout(180_000)
       page.goto(url, wait_until="domcontentloaded")
       page.locator("#query input[type=file]").set_input_files(str(photo))
       page.locator("#attribute input").click()
       page.get_by_role("option", name="neckline", exact=True).click()
       page.locator("#search").click()
       results = page.locator("#results")
-      results.get_by_text(os.path.basename(want[-1]["path"])).wait_for(timeout=60_000)
+      results.get_by_text(os.path.basename(want[-1]["path"])).wait_for(timeout=300_000)
       rows = re.findall(r"^\s*(\d+)\s+([-\d.]+)\s+(\S+)\s*$", results.inner_text(), re.M)
       assert "neckline" in results.inner_text()
       assert page.locator("#gallery img").count() == 5
@@ -79,7 +81,7 @@ def test_upload_choose_search_shows_the_indexes_ranking(served):
       page.locator("#pick input").fill(os.path.basename(picked))
       page.get_by_role("option", name=os.path.basename(picked), exact=True).click()
       page.locator("#search").click()
-      page.locator("#results tr").nth(1).get_by_text(picked).wait_for(timeout=60_000)
+      page.locator("#results tr").nth(1).get_by_text(picked).wait_for(timeout=300_000)
       first = re.findall(r"^\s*1\s+([-\d.]+)\s+(\S+)\s*$", results.inner_text(), re.M)
     finally:
       browser.close()
