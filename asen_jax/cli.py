@@ -83,8 +83,9 @@ def run(main, prog):
     except Stopped as e:
       sys.exit(f"{prog}: {e}")
     except KeyboardInterrupt:
-      sys.exit(f"{prog}: interrupted; run the same command again to continue (training resumes "
-               "from its last checkpoint).")
+      resumes = prog in ("train.py", "demo.py")
+      sys.exit(f"{prog}: interrupted" + ("; run the same command again to resume from the last "
+                                         "checkpoint." if resumes else "."))
     except USER_ERRORS as e:
       sys.exit(f"{prog}: {e}")
   app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, prog))
