@@ -1,14 +1,14 @@
-"""Two-stage ASEN++ training: optimiser, jitted steps and the resumable loop.
+"""ASEN++ training: optimiser, jitted steps and the resumable loop of every stage.
 
 Stage 'global' trains the global branch alone (triplet loss). Stage 'joint' starts from a stage-1
 checkpoint and trains both branches: 1.0 * global triplet + 0.1 * local triplet + 0.1 * alignment,
-with one learning rate for the local branch and a smaller one for everything global.
+with one learning rate for the local branch and a smaller one for everything global. Stage
+'extend' adds attributes to a trained model (asen_jax/extend.py).
 
 Start order (as big_vision): resume this workdir's own run; else --init_from; else converted
 ImageNet backbones; else scratch.
 """
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from asen_jax import checkpoint as ckpt_lib
 from asen_jax import data as data_lib
 from asen_jax import evaluation
+from asen_jax import extend
 from asen_jax import losses
+from asen_jax import metric_writer
 from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import roi
@@ -132,59 +133,41 @@ def make_train_step(config, model, tx, joint, mesh):
   return jax.jit(fn, in_shardings=(rep, data), out_shardings=(rep, rep), donate_argnums=(0,))
 
 
-class MetricWriter:
-  """JSON lines + TensorBoard, written by process 0 only (clu 0.0.12's metric_writers cannot be
-  imported without TensorFlow, so they are not used)."""
-
-  def __init__(self, workdir):
-    self.active = jax.process_index() == 0
-    if self.active:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-  def write(self, step, scalars):
-    if not self.active:
-      return
-    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
-    self._jsonl.flush()
-    for k, v in scalars.items():
-      if isinstance(v, (int, float)):
-        self._tb.add_scalar(k, v, int(step))
-    self._tb.flush()
-
-  def close(self):
-    if self.active:
-      self._jsonl.close()
-      self._tb.close()
-
-
 BN_STATS = {"per_role": 3, "batch": 1}   # train.bn_stats -> BatchNorm groups of a batch
 
 
-def build(config):
-  """Dataset info, model and optimiser for a config (shared by train and tests)."""
+def build(config, plan=None):
+  """Dataset info, model and optimiser for a config (shared by train and tests); `plan`: stage
+  extend's extend.Plan."""
   if config.train.bn_stats not in BN_STATS:
     raise ValueError(f"config.train.bn_stats = {config.train.bn_stats!r}; use 'per_role' (the "
                      "official trainer's statistics) or 'batch' (one set over the whole batch).")
   info = data_lib.dataset_info(config)
-  joint = config.stage == "joint"
+  joint = plan.joint if plan else config.stage == "joint"
+  tx = extend.make_optimizer(config) if plan else make_optimizer(config, joint)
   model = model_lib.build_model(config.model, len(info.attributes), with_local=joint,
                                 dtype=jnp.dtype(config.model.compute_dtype),
                                 bn_roles=BN_STATS[config.train.bn_stats])
-  return info, model, make_optimizer(config, joint), joint
+  return info, model, tx, joint
 
 
-def _fresh_state(config, model, tx):
+def _fresh_state(config, model, tx, plan=None):
   variables = model_lib.init_variables(model, jax.random.key(config.seed),
                                        config.data.image_size, config.model.local_size)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(extend.trainable(params, plan.new_ids) if plan else params))
 
 
-def init_state(config, model, tx, joint, init_from=None, info=None):
-  """Host-side TrainState of a fresh start: initial weights are read here and only here."""
-  state = _fresh_state(config, model, tx)
+def init_state(config, model, tx, joint, init_from=None, info=None, plan=None, source=None):
+  """Host-side TrainState of a fresh start: initial weights are read here and only here
+  (stage extend: all from `source`, the variables of its --init_from checkpoint)."""
+  state = _fresh_state(config, model, tx, plan)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if plan:
+    variables = extend.load_source(plan, variables, source)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   # ImageNet backbones first (stage 2's local branch needs them too), then the previous stage.
   variables = warm_start.load_backbones(config, variables, joint, global_too=not init_from)
   if init_from:
@@ -194,12 +177,12 @@ def init_state(config, model, tx, joint, init_from=None, info=None):
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def abstract_state(config, model, tx, mesh):
+def abstract_state(config, model, tx, mesh, plan=None):
   """Shapes, dtypes and (replicated) shardings of the TrainState, for a resume: no weights
   are read and nothing is computed."""
   rep = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                      jax.eval_shape(lambda: _fresh_state(config, model, tx)))
+                      jax.eval_shape(lambda: _fresh_state(config, model, tx, plan)))
 
 
 def _meta(config, info, step, **extra):
@@ -235,24 +218,34 @@ def train_and_evaluate(config, workdir, init_from=None):
   mesh = parallel.make_mesh()
   parallel.check_batch_size(config.train.batch_size, mesh=mesh)
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
-  info, model, tx, joint = build(config)
   if config.stage == "joint" and not init_from:
     logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
                     "paper initialises it from the last stage-1 checkpoint.")
   ckpts = ckpt_lib.RunCheckpoints(workdir)
+  info, plan, source = data_lib.dataset_info(config), None, None
   if ckpts.latest_step() is not None:
     check_resumable(workdir, ckpts.latest_meta(), config, info)
+    if config.stage == "extend":
+      plan = extend.resumed_plan(ckpts.latest_meta(), info, config)
+  elif config.stage == "extend":
+    if not init_from:
+      raise ValueError("Stage 'extend' needs --init_from: the checkpoint (or workdir) of the "
+                       "model trained on the old attributes.")
+    plan, source = extend.source_plan(init_from, info, config)
+  info, model, tx, joint = build(config, plan)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
-                                      shard_count=jax.process_count())
+                                      shard_count=jax.process_count(),
+                                      attributes=plan.new_ids if plan else None)
   data_iter = iter(loader)
   best_map = -1.0
   if ckpts.latest_step() is None:
-    state = parallel.replicate(mesh, init_state(config, model, tx, joint, init_from, info))
+    state = parallel.replicate(mesh, init_state(config, model, tx, joint, init_from, info, plan,
+                                                source))
   else:
-    abstract = abstract_state(config, model, tx, mesh)
+    abstract = abstract_state(config, model, tx, mesh, plan)
     variables, opt, data_iter, meta = ckpts.restore_latest(
         {"params": abstract.params, "batch_stats": abstract.batch_stats},
         {"step": abstract.step, "opt_state": abstract.opt_state}, data_iter)
@@ -261,9 +254,11 @@ def train_and_evaluate(config, workdir, init_from=None):
     best_map = float(meta.get("best_map", -1.0))
     logging.info("Resuming %s from step %d.", workdir, int(opt["step"]))
 
-  step_fn = make_train_step(config, model, tx, joint, mesh)
+  step_fn = (extend.make_extend_step(config, model, tx, plan, mesh) if plan
+             else make_train_step(config, model, tx, joint, mesh))
+  extra_meta = {"extend": extend.plan_meta(plan, info)} if plan else {}
   embed_fn = evaluation.make_embed_fn(config, model, joint, mesh)
-  writer = MetricWriter(workdir)
+  writer = metric_writer.MetricWriter(workdir)
   per_epoch, last = steps_per_epoch(config), total_steps(config)
   step = int(jax.device_get(state.step))
   first = step
@@ -271,7 +266,7 @@ def train_and_evaluate(config, workdir, init_from=None):
   def save_latest(step):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     ckpts.save_latest(step, variables, {"step": state.step, "opt_state": state.opt_state},
-                      data_iter, _meta(config, info, step, best_map=best_map))
+                      data_iter, _meta(config, info, step, best_map=best_map, **extra_meta))
 
   def check_finite(step, metrics):
     # The step counter only advances on finite steps (train_step), so one scalar tells.
@@ -316,7 +311,7 @@ def train_and_evaluate(config, workdir, init_from=None):
                      step // per_epoch, val_map, results["map_random"])
         if val_map > best_map:
           best_map = val_map
-          ckpts.save_best(step, variables, _meta(config, info, step, map=val_map))
+          ckpts.save_best(step, variables, _meta(config, info, step, map=val_map, **extra_meta))
         tick = time.time()
       if save_now:
         save_latest(step)
