@@ -96,3 +96,62 @@ def train_old_model(data_root, workdir, held_out, overrides=None):
   print(f"Stage 2 without {held_out} -> {joint_dir}", flush=True)
   trainer.train_and_evaluate(config_j, joint_dir, init_from=global_dir)
   return joint_dir
+
+
+def extend_config(data_root, overrides=None):
+  """configs/synthetic.py:extend on the full set in <data_root>."""
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from configs import synthetic as synthetic_config
+  c = synthetic_config.get_config("extend")
+  c.data.root, c.data.tfds_dir = data_root, os.path.join(data_root, "tfds")
+  return common.apply_overrides(c, overrides or {})
+
+
+def run(data_root, workdir, held_out, five, overrides=None, split="test"):
+  """Per held-out attribute: the old model, extend, test MAP; `five` is the five-attribute demo
+  model's results.json (demo.py). Returns {attribute: row} (also in <workdir>/results.json)."""
+  from asen_jax import end_to_end  # pylint: disable=g-import-not-at-top
+  from asen_jax import evaluation
+  from asen_jax import trainer
+  config = extend_config(data_root, overrides)
+  random = end_to_end.random_map_per_attribute(config, split)["map_per_attribute"]
+  path = os.path.join(workdir, "results.json")
+  rows = {}
+  if os.path.isfile(path):
+    with open(path) as f:
+      rows = json.load(f)
+  for x in held_out:
+    if x in rows:
+      continue
+    old_dir = train_old_model(data_root, os.path.join(workdir, x), (x,), overrides)
+    ext_dir = os.path.join(workdir, x, "extend")
+    print(f"Stage extend: {x} onto {old_dir} -> {ext_dir}", flush=True)
+    trainer.train_and_evaluate(config, ext_dir, init_from=old_dir)
+    res = evaluation.run_evaluation(config, ext_dir, split)
+    old_config = old_configs(data_root, (x,), "")[1]
+    old = evaluation.run_evaluation(old_config, old_dir, split)
+    rows[x] = {"random": random[x], "five": five["joint"]["map_per_attribute"][x],
+               "extended": res["map_per_attribute"][x],
+               "steps": trainer.total_steps(config),
+               "five_steps": five.get("steps"),
+               "old_attributes": {a: {"four": old["map_per_attribute"][a],
+                                      "extended": res["map_per_attribute"][a],
+                                      "five": five["joint"]["map_per_attribute"][a]}
+                                  for a in old["map_per_attribute"]}}
+    r = rows[x]
+    r["gap_closed"] = (r["extended"] - r["random"]) / (r["five"] - r["random"])
+    with open(path, "w") as f:
+      json.dump(rows, f, indent=2)
+  return rows
+
+
+def format_table(rows):
+  head = (f"{'held out':<10}{'random':>8}{'five-attribute':>16}{'extended':>10}"
+          f"{'gap closed':>12}{'steps':>7}{'old attributes, four -> extended':>36}")
+  lines = [head, "-" * len(head)]
+  for x, r in rows.items():
+    same = all(v["four"] == v["extended"] for v in r["old_attributes"].values())
+    lines.append(f"{x:<10}{r['random']:>8.2f}{r['five']:>16.2f}{r['extended']:>10.2f}"
+                 f"{100 * r['gap_closed']:>11.1f}%{r['steps']:>7}"
+                 f"{'unchanged' if same else 'CHANGED':>36}")
+  return "\n".join(lines)

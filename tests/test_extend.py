@@ -1,4 +1,5 @@
 """Stage extend: old attributes bit for bit, only the new rows train, bad sources in one sentence."""
+import functools
 import os
 
 import jax
@@ -106,3 +107,32 @@ def test_plan_matches_names_not_positions(old_run):
   info = builder.DatasetInfo("synthetic", ("length", "button", "colour"), (2, 2, 2), ())
   plan = extend.make_plan(_meta(["colour", "length"]), info, old_run[1], "ckpt")
   assert (plan.old_rows, plan.new_ids, plan.joint) == ((1, -1, 0), (1,), True)
+
+
+def test_step_computes_no_backbone_gradient(old_run):
+  """The extend step holds exactly the convolutions of its forward pass: none for a gradient."""
+  root = old_run[0]
+  config = tiny_config(root, "extend")
+  plan = extend.Plan(True, (), (0, 1, 2, 3, -1), (4,), "")
+  _, model, tx, _ = trainer.build(config, plan)
+  v = model_lib.init_variables(model, jax.random.key(0), 32, 32)
+  state = trainer.TrainState(step=np.zeros((), np.int32), params=v["params"],
+                             batch_stats=v["batch_stats"],
+                             opt_state=tx.init(extend.trainable(v["params"], plan.new_ids)))
+  batch = {"images": np.zeros((8, 3, 32, 32, 3), np.uint8),
+           "hires": np.zeros((8, 3, 64, 64, 3), np.uint8), "attribute": np.full(8, 4, np.int32)}
+  kw = dict(model=model, config=config, joint=True)
+  step = str(jax.make_jaxpr(functools.partial(extend.extend_step, tx=tx, new_ids=(4,), **kw))(
+      state, batch))
+  forward = str(jax.make_jaxpr(functools.partial(extend.extend_loss, new_ids=np.array([4]), **kw))(
+      v["params"]["attr_embedding"]["embedding"][4:], v["params"], v["batch_stats"], batch))
+  assert step.count("conv_general_dilated") == forward.count("conv_general_dilated") > 0
+  # A joint step of the same model differentiates its convolutions: the count would show it.
+  joint = tiny_config(root, "joint")
+  _, jmodel, jtx, _ = trainer.build(joint)
+  jv = model_lib.init_variables(jmodel, jax.random.key(0), 32, 32)
+  jstate = trainer.TrainState(step=np.zeros((), np.int32), params=jv["params"],
+                              batch_stats=jv["batch_stats"], opt_state=jtx.init(jv["params"]))
+  jstep = str(jax.make_jaxpr(functools.partial(trainer.train_step, model=jmodel, tx=jtx,
+                                               config=joint, joint=True))(jstate, batch))
+  assert jstep.count("conv_general_dilated") > 2 * forward.count("conv_general_dilated")
