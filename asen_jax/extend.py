@@ -72,8 +72,9 @@ def resumed_plan(meta, info, config):
 
 
 def source_plan(path, info, config):
-  """(Plan, variables) of the --init_from checkpoint."""
-  loaded, meta = ckpt_lib.load_model(path, prefer="latest")
+  """(Plan, variables) of the --init_from checkpoint: a workdir's best, the model whose
+  embeddings (and search index) are in use."""
+  loaded, meta = ckpt_lib.load_model(path, prefer="best")
   plan = make_plan(meta, info, config, f"--init_from {path}",
                    joint="local" in loaded["params"])
   return plan, loaded
