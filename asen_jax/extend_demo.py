@@ -113,7 +113,10 @@ def run(data_root, workdir, held_out, five, overrides=None, split="test"):
   from asen_jax import end_to_end  # pylint: disable=g-import-not-at-top
   from asen_jax import evaluation
   from asen_jax import trainer
+  from asen_jax import data as data_lib
   config = extend_config(data_root, overrides)
+  end_to_end.ensure_data(data_root)
+  data_lib.prepare_dataset(config)
   random = end_to_end.random_map_per_attribute(config, split)["map_per_attribute"]
   path = os.path.join(workdir, "results.json")
   rows = {}
