@@ -21,7 +21,7 @@ _POSITIVE_INT = ("data.image_size", "data.hires_size", "model.local_size", "mode
                  "train.epochs", "train.decay_every_epochs", "eval.batch_size",
                  "pretrain.steps", "pretrain.batch_size")
 _NON_NEGATIVE_INT = ("train.max_steps", "data.worker_count", "data.decode_cache_mb", "seed")
-_POSITIVE_FLOAT = ("model.width", "train.lr", "train.lr_global", "pretrain.lr")
+_POSITIVE_FLOAT = ("model.width", "train.lr", "pretrain.lr")
 _UNIT_INTERVAL = ("model.roi_threshold", "eval.beta", "train.decay_rate")
 _CHOICES = {"model.global_output_stride": (0, 8, 16),
             "model.compute_dtype": ("float32", "bfloat16", "float16"),
@@ -62,9 +62,10 @@ def problems(config, num_devices=None):
     v = _get(config, f)
     if v is not None and not (isinstance(v, numbers.Real) and 0 <= v <= 1):
       out.append(f"config.{f} = {v!r} must be a number in [0, 1]")
-  margin = _get(config, "train.margin")
-  if margin is not None and not (isinstance(margin, numbers.Real) and margin >= 0):
-    out.append(f"config.train.margin = {margin!r} must be a number >= 0")
+  for f in ("train.margin", "train.lr_global"):   # lr_global 0: a frozen global branch
+    v = _get(config, f)
+    if v is not None and not (isinstance(v, numbers.Real) and v >= 0):
+      out.append(f"config.{f} = {v!r} must be a number >= 0")
   for f, choices in _CHOICES.items():
     v = _get(config, f)
     if v is not None and v not in choices:

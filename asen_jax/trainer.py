@@ -1,8 +1,9 @@
-"""Two-stage ASEN++ training: optimiser, jitted steps and the resumable loop.
+"""ASEN++ training: optimiser, jitted steps and the resumable loop of every stage.
 
 Stage 'global' trains the global branch alone (triplet loss). Stage 'joint' starts from a stage-1
 checkpoint and trains both branches: 1.0 * global triplet + 0.1 * local triplet + 0.1 * alignment,
-with one learning rate for the local branch and a smaller one for everything global.
+with one learning rate for the local branch and a smaller one for everything global. Stage
+'extend' adds attributes to a trained model (asen_jax/extend.py).
 
 Start order (as big_vision): resume this workdir's own run; else --init_from; else converted
 ImageNet backbones; else scratch.
@@ -16,7 +17,6 @@ from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm import tqdm
 
@@ -24,6 +24,7 @@ from asen_jax import checkpoint as ckpt_lib
 from asen_jax import config_checks
 from asen_jax import data as data_lib
 from asen_jax import evaluation
+from asen_jax import extend
 from asen_jax import losses
 from asen_jax import model as model_lib
 from asen_jax import parallel
@@ -135,30 +136,38 @@ def make_train_step(config, model, tx, joint, mesh):
 BN_STATS = {"per_role": 3, "batch": 1}   # train.bn_stats -> BatchNorm groups of a batch
 
 
-def build(config):
-  """Dataset info, model and optimiser for a config (shared by train and tests)."""
+def build(config, plan=None):
+  """Dataset info, model and optimiser for a config (shared by train and tests); `plan`: stage
+  extend's extend.Plan."""
   if config.train.bn_stats not in BN_STATS:
     raise ValueError(f"config.train.bn_stats = {config.train.bn_stats!r}; use 'per_role' (the "
                      "official trainer's statistics) or 'batch' (one set over the whole batch).")
   info = data_lib.dataset_info(config)
-  joint = config.stage == "joint"
+  joint = plan.joint if plan else config.stage == "joint"
+  tx = extend.make_optimizer(config) if plan else make_optimizer(config, joint)
   model = model_lib.build_model(config.model, len(info.attributes), with_local=joint,
                                 dtype=jnp.dtype(config.model.compute_dtype),
                                 bn_roles=BN_STATS[config.train.bn_stats])
-  return info, model, make_optimizer(config, joint), joint
+  return info, model, tx, joint
 
 
-def _fresh_state(config, model, tx):
+def _fresh_state(config, model, tx, plan=None):
   variables = model_lib.init_variables(model, jax.random.key(config.seed),
                                        config.data.image_size, config.model.local_size)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+  params = variables["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(extend.trainable(params, plan.new_ids) if plan else params))
 
 
-def init_state(config, model, tx, joint, init_from=None, info=None):
-  """Host-side TrainState of a fresh start: initial weights are read here and only here."""
-  state = _fresh_state(config, model, tx)
+def init_state(config, model, tx, joint, init_from=None, info=None, plan=None, source=None):
+  """Host-side TrainState of a fresh start: initial weights are read here and only here
+  (stage extend: all from `source`, the variables of its --init_from checkpoint)."""
+  state = _fresh_state(config, model, tx, plan)
   variables = {"params": state.params, "batch_stats": state.batch_stats}
+  if plan:
+    variables = extend.load_source(plan, variables, source)
+    return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
   # ImageNet backbones first (stage 2's local branch needs them too), then the previous stage.
   variables = warm_start.load_backbones(config, variables, joint, global_too=not init_from)
   if init_from:
@@ -168,12 +177,12 @@ def init_state(config, model, tx, joint, init_from=None, info=None):
   return state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
 
 
-def abstract_state(config, model, tx, mesh):
+def abstract_state(config, model, tx, mesh, plan=None):
   """Shapes, dtypes and (replicated) shardings of the TrainState, for a resume: no weights
   are read and nothing is computed."""
   rep = parallel.replicated(mesh)
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
-                      jax.eval_shape(lambda: _fresh_state(config, model, tx)))
+                      jax.eval_shape(lambda: _fresh_state(config, model, tx, plan)))
 
 
 def _meta(config, info, step, **extra):
@@ -222,30 +231,40 @@ def train_and_evaluate(config, workdir, init_from=None):
 def _train(config, workdir, init_from, mesh):
   parallel.quiet_library_logs()
   parallel.process0_first(lambda: data_lib.prepare_dataset(config), "prepare_dataset")
-  info, model, tx, joint = build(config)
   if config.stage == "joint" and not init_from:
     logging.warning("Stage 'joint' without --init_from: the global branch starts untrained; the "
                     "paper initialises it from the last stage-1 checkpoint.")
   ckpts = ckpt_lib.RunCheckpoints(workdir)
   try:
+    info, plan, source = data_lib.dataset_info(config), None, None
     resume_step = ckpts.latest_step()
     if resume_step is not None:
       check_resumable(workdir, ckpts.latest_meta(), config, info)
+      if config.stage == "extend":
+        plan = extend.resumed_plan(ckpts.latest_meta(), info, config)
+    elif config.stage == "extend":
+      if not init_from:
+        raise ValueError("Stage 'extend' needs --init_from: the checkpoint (or workdir) of the "
+                         "model trained on the old attributes.")
+      plan, source = extend.source_plan(init_from, info, config)
     runs.accept(workdir, config, init_from, resume_step)
-    return _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts)
+    return _loop(config, workdir, init_from, mesh, build(config, plan), plan, source, ckpts)
   finally:
     ckpts.close()
 
 
-def _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts):
+def _loop(config, workdir, init_from, mesh, built, plan, source, ckpts):
+  info, model, tx, joint = built
   loader = data_lib.make_train_loader(config, seed=config.seed, shard_index=jax.process_index(),
-                                      shard_count=jax.process_count())
+                                      shard_count=jax.process_count(),
+                                      attributes=plan.new_ids if plan else None)
   data_iter = iter(loader)
   best_map = -1.0
   if ckpts.latest_step() is None:
-    state = parallel.replicate(mesh, init_state(config, model, tx, joint, init_from, info))
+    state = parallel.replicate(mesh, init_state(config, model, tx, joint, init_from, info, plan,
+                                                source))
   else:
-    abstract = abstract_state(config, model, tx, mesh)
+    abstract = abstract_state(config, model, tx, mesh, plan)
     variables, opt, data_iter, meta = ckpts.restore_latest(
         {"params": abstract.params, "batch_stats": abstract.batch_stats},
         {"step": abstract.step, "opt_state": abstract.opt_state}, data_iter)
@@ -254,7 +273,9 @@ def _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts):
     best_map = float(meta.get("best_map", -1.0))
     logging.info("Resuming %s from step %d.", workdir, int(opt["step"]))
 
-  step_fn = make_train_step(config, model, tx, joint, mesh)
+  step_fn = (extend.make_extend_step(config, model, tx, plan, mesh) if plan
+             else make_train_step(config, model, tx, joint, mesh))
+  extra_meta = {"extend": extend.plan_meta(plan, info)} if plan else {}
   embed_fn = evaluation.make_embed_fn(config, model, joint, mesh)
   step = int(jax.device_get(state.step))
   first = step
@@ -264,7 +285,7 @@ def _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts):
   def save_latest(step):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     ckpts.save_latest(step, variables, {"step": state.step, "opt_state": state.opt_state},
-                      data_iter, _meta(config, info, step, best_map=best_map))
+                      data_iter, _meta(config, info, step, best_map=best_map, **extra_meta))
 
   def check_finite(step, metrics):
     # The step counter only advances on finite steps (train_step), so one scalar tells.
@@ -313,7 +334,8 @@ def _loop(config, workdir, init_from, mesh, info, model, tx, joint, ckpts):
                        step // per_epoch, val_map, results["map_random"])
           if val_map > best_map:
             best_map = val_map
-            ckpts.save_best(step, variables, _meta(config, info, step, map=val_map))
+            ckpts.save_best(step, variables, _meta(config, info, step, map=val_map,
+                                                    **extra_meta))
           tick = time.time()
         if save_now:
           save_latest(step)

@@ -1,6 +1,6 @@
 """Times the jitted training step side by side with the PyTorch reference step, in one process.
 
-  python bench/train_step.py [--sizes paper,synthetic] [--stages global,joint] [--steps 5]
+  python bench/train_step.py [--sizes paper,synthetic] [--stages global,joint,extend] [--steps 5]
       [--paths fast,xla,torch] [--bn_stats per_role]
 
 paper: batch 16 triplets, 224 global view (448 hires view), 112 RoI crop, ResNet-50/34
@@ -12,6 +12,8 @@ Paths, timed in turn so that all see the same machine:
   torch  the official trainer's structure (tests/torch_train_reference.py): anchors, positives
          and negatives as three forwards per branch, Adam; stage 2 crops each RoI from the
          hires view with F.interpolate around the attention map's largest cell.
+Stage extend (asen_jax/extend.py: one new attribute's table row trains on a joint model, all
+else frozen) has no PyTorch counterpart; its step is set against the joint step's.
 """
 import os
 import sys
@@ -28,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from asen_jax import extend  # noqa: E402
 from asen_jax import model as model_lib  # noqa: E402
 from asen_jax import parallel  # noqa: E402
 from asen_jax import trainer  # noqa: E402
@@ -36,7 +39,8 @@ from configs import fashionai  # noqa: E402
 from configs import synthetic  # noqa: E402
 
 _SIZES = flags.DEFINE_list("sizes", ["paper", "synthetic"], "paper and/or synthetic")
-_STAGES = flags.DEFINE_list("stages", ["global", "joint"], "global and/or joint")
+_STAGES = flags.DEFINE_list("stages", ["global", "joint", "extend"],
+                            "global, joint and/or extend")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps after the first (compiling) one")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "triplets per step")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on GPU/TPU)")
@@ -69,19 +73,29 @@ def random_batch(config, seed=0):
 def jax_runner(config, fast):
   """(run one step, compile seconds) for the jitted JAX step."""
   config.model.fast_cpu_backward = fast
-  joint = config.stage == "joint"
-  model = model_lib.build_model(config.model, len(config.data.attributes), with_local=joint,
+  num_attributes = len(config.data.attributes)
+  # extend: the last attribute is the new one, on a joint model.
+  plan = (extend.Plan(True, config.data.attributes[:-1], tuple(range(num_attributes - 1)) + (-1,),
+                      (num_attributes - 1,), "bench") if config.stage == "extend" else None)
+  joint = config.stage != "global"
+  model = model_lib.build_model(config.model, num_attributes, with_local=joint,
                                 bn_roles=trainer.BN_STATS[config.train.bn_stats])
-  tx = trainer.make_optimizer(config, joint)
+  tx = extend.make_optimizer(config) if plan else trainer.make_optimizer(config, joint)
   mesh = parallel.make_mesh()
   variables = model_lib.init_variables(model, jax.random.key(0), config.data.image_size,
                                        config.model.local_size)
+  params = variables["params"]
   state = parallel.replicate(mesh, trainer.TrainState(
-      step=jnp.zeros((), jnp.int32), params=variables["params"],
-      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"])))
-  batch = parallel.shard_batch(mesh, random_batch(config))
+      step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
+      opt_state=tx.init(extend.trainable(params, plan.new_ids) if plan else params)))
+  batch = random_batch(config)
+  if plan:
+    batch["attribute"][:] = plan.new_ids[0]
+  batch = parallel.shard_batch(mesh, batch)
+  step_fn = (extend.make_extend_step(config, model, tx, plan, mesh) if plan
+             else trainer.make_train_step(config, model, tx, joint, mesh))
   t0 = time.perf_counter()
-  compiled = trainer.make_train_step(config, model, tx, joint, mesh).lower(state, batch).compile()
+  compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   box = [state]
 
@@ -153,30 +167,44 @@ def torch_runner(config):
   return run, 0.0
 
 
-def bench(size, stage):
-  """Times the chosen paths of one step, interleaved so that all see the same machine."""
+def bench(size, stages):
+  """Times the chosen paths of one step of each stage, interleaved so that all see the same
+  machine."""
   runs = {}
-  for path in _PATHS.value:
-    config = get_config(size, stage)
-    runs[path] = torch_runner(config) if path == "torch" else jax_runner(config, path == "fast")
-  times = {p: [] for p in runs}
+  for stage in stages:
+    for path in _PATHS.value:
+      if path == "torch" and stage == "extend":
+        continue   # no PyTorch counterpart
+      config = get_config(size, stage)
+      runs[stage, path] = (torch_runner(config) if path == "torch"
+                           else jax_runner(config, path == "fast"))
+  times = {k: [] for k in runs}
   for _ in range(_STEPS.value):
-    for path, (run, _) in runs.items():
+    for key, (run, _) in runs.items():
       t0 = time.perf_counter()
       run()
-      times[path].append(time.perf_counter() - t0)
-  config = get_config(size, stage)
-  med = {p: float(np.median(t)) for p, t in times.items()}
-  for path, (_, compile_s) in runs.items():
-    print(f"{size:<10}{stage:<8}{config.data.image_size:>4}/{config.model.local_size:<4}"
-          f"{config.model.global_backbone}/{config.model.local_backbone} w={config.model.width:<6}"
-          f"{path:<6} compile {compile_s:6.1f}s  step {med[path] * 1e3:8.1f} ms  "
-          f"{config.train.batch_size / med[path]:7.2f} triplets/s", flush=True)
-  for path in runs:
-    if path != "torch" and "torch" in runs:
-      print(f"{'':18}{path}: {med['torch'] / med[path]:.2f}x the PyTorch step's speed", flush=True)
-  if "fast" in runs and "xla" in runs:
-    print(f"{'':18}fast: {med['xla'] / med['fast']:.2f}x the xla path's speed", flush=True)
+      times[key].append(time.perf_counter() - t0)
+  med = {k: float(np.median(t)) for k, t in times.items()}
+  for stage in stages:
+    config = get_config(size, stage)
+    for path in _PATHS.value:
+      if (stage, path) not in runs:
+        continue
+      t, compile_s = med[stage, path], runs[stage, path][1]
+      print(f"{size:<10}{stage:<8}{config.data.image_size:>4}/{config.model.local_size:<4}"
+            f"{config.model.global_backbone}/{config.model.local_backbone} "
+            f"w={config.model.width:<6}{path:<6} compile {compile_s:6.1f}s  step "
+            f"{t * 1e3:8.1f} ms  {config.train.batch_size / t:7.2f} triplets/s", flush=True)
+    for path in _PATHS.value:
+      if path != "torch" and (stage, "torch") in runs and (stage, path) in runs:
+        print(f"{'':18}{path}: {med[stage, 'torch'] / med[stage, path]:.2f}x the PyTorch "
+              "step's speed", flush=True)
+      if stage == "extend" and (stage, path) in runs and ("joint", path) in runs:
+        print(f"{'':18}{path}: extend {med['joint', path] / med['extend', path]:.2f}x the "
+              "joint step's speed", flush=True)
+    if (stage, "fast") in runs and (stage, "xla") in runs:
+      print(f"{'':18}fast: {med[stage, 'xla'] / med[stage, 'fast']:.2f}x the xla path's speed",
+            flush=True)
 
 
 def main(argv):
@@ -185,8 +213,7 @@ def main(argv):
         f"batch {_BATCH.value} triplets, {_DTYPE.value}, bn_stats {_BN_STATS.value}, median of "
         f"{_STEPS.value} steps; allocator {os.environ.get(allocator.ENV, 'system')}", flush=True)
   for size in _SIZES.value:
-    for stage in _STAGES.value:
-      bench(size, stage)
+    bench(size, _STAGES.value)
 
 
 if __name__ == "__main__":

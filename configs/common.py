@@ -1,6 +1,7 @@
 """Shared config pieces: the ASEN++ base config and the `:arg` parser.
 
-Every dataset config is `get_config(arg)` with `arg` = `global` or `joint`. Fields are
+Every dataset config is `get_config(arg)` with `arg` = `global`, `joint` or `extend` (new
+attributes on a trained model: asen_jax/extend.py). Fields are
 overridden with ml_collections' own flags, `--config.train.batch_size=32`; `:joint,key=value`
 works too.
 """
@@ -8,7 +9,7 @@ import ast
 
 import ml_collections
 
-STAGES = ("global", "joint")
+STAGES = ("global", "joint", "extend")
 
 
 def parse_arg(arg):
@@ -16,7 +17,7 @@ def parse_arg(arg):
   stage, _, rest = (arg or "global").partition(",")
   if stage not in STAGES:
     raise ValueError(f"Config stage must be one of {STAGES}, got {stage!r}; "
-                     "use e.g. configs/fashionai.py:global or :joint.")
+                     "use e.g. configs/fashionai.py:global, :joint or :extend.")
   return stage, parse_overrides(rest)
 
 
@@ -108,6 +109,12 @@ def base_config(stage):
     c.train.lr_global = 1e-4
     c.train.decay_rate = 0.9
     c.train.decay_every_epochs = 3
+  elif stage == "extend":           # the new table rows only (lr); a fifth of stage 1's epochs
+    c.train.epochs = 10
+    c.train.lr = 1e-3
+    c.train.lr_global = 0.0          # unused: nothing global trains
+    c.train.decay_rate = 0.9
+    c.train.decay_every_epochs = 1
   else:
     c.train.epochs = 20
     c.train.lr = 1e-4                # local backbone and local heads

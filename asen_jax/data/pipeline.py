@@ -26,7 +26,7 @@ class TripletSampler:
   Attributes or values that cannot take part are reported once, at construction.
   """
 
-  def __init__(self, rows, num_values, seed, attributes=None):
+  def __init__(self, rows, num_values, seed, attributes=None, only=None):
     rows = np.asarray(rows).reshape(-1, 3)
     self.seed = int(seed)
     self.num_values = tuple(num_values)
@@ -47,8 +47,10 @@ class TripletSampler:
       self.pools.append(pools)
       self.positive.append(np.asarray(positive, np.int64))
       self.nonempty.append(np.asarray(nonempty, np.int64))
+    # `only`: attribute indices that triplets are drawn for (stage extend: the new ones).
     self.attributes = np.asarray([a for a in range(len(self.num_values))
-                                  if attributes[a] not in dropped], np.int64)
+                                  if attributes[a] not in dropped
+                                  and (only is None or a in only)], np.int64)
     if not len(self.attributes):
       raise ValueError("No attribute has a value with two training images and another value "
                        "with one; the training split cannot form a single triplet.")
@@ -113,9 +115,10 @@ def _check_shard(batch_size, shard_index, shard_count, what):
                      f"processes ({shard_count}).")
 
 
-def make_train_sampler(config, seed):
+def make_train_sampler(config, seed, attributes=None):
   info = builder.dataset_info(config)
-  return TripletSampler(builder.train_labels(config), info.num_values, seed, info.attributes)
+  return TripletSampler(builder.train_labels(config), info.num_values, seed, info.attributes,
+                        only=attributes)
 
 
 def _train_pipeline(config, sampler, source, per_shard, shard_index, shard_count, worker_count,
@@ -195,7 +198,7 @@ class _TrainStream(grain.IterDataset):
 
 
 def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_count=None,
-                      start_step=0):
+                      start_step=0, attributes=None):
   """Infinite grain IterDataset of this process's training batches.
 
   Yields {'images': uint8[B, 3, S, S, 3] (anchor, positive, negative), 'hires': uint8[B, 3, R,
@@ -203,18 +206,21 @@ def make_train_loader(config, *, seed, shard_index=0, shard_count=1, worker_coun
   positions in the global stream)} with B = train.batch_size // shard_count. `iter()` gives a
   grain DatasetIterator whose get_state/set_state ({'step': t},
   orbax-checkpointable with grain.checkpoint.CheckpointSave/CheckpointRestore) resume at global
-  step t under any worker count. `start_step` starts there without a saved state.
+  step t under any worker count. `start_step` starts there without a saved state;
+  `attributes` (indices) limits the triplets to those attributes.
   """
   _check_shard(config.train.batch_size, shard_index, shard_count, "train.batch_size")
   builder.prepare_dataset(config)
   per_shard = config.train.batch_size // shard_count
   configure_decode_cache(config.data.decode_cache_mb)
-  sampler = make_train_sampler(config, seed)
+  sampler = make_train_sampler(config, seed, attributes)
   source = builder.split_source(config, "train")
   worker_count = config.data.worker_count if worker_count is None else worker_count
   build = functools.partial(_train_pipeline, config, sampler, source, per_shard, shard_index,
                             shard_count, max(0, int(worker_count or 0)))
   fingerprint = {"seed": int(seed), "global_batch_size": int(config.train.batch_size)}
+  if attributes is not None:
+    fingerprint["attributes"] = [int(a) for a in attributes]
   return _TrainStream(build, start_step, fingerprint)
 
 
