@@ -3,6 +3,7 @@ user errors and stops that end a run with one line, and writable-path checks."""
 import importlib.util
 import os
 import re
+import signal
 import sys
 import tempfile
 
@@ -13,6 +14,7 @@ import ml_collections
 from asen_jax.runs import Stopped
 
 # What a user can cause (bad files, values, paths, a full disk): one line, no traceback.
+RESUMES = ("train.py", "demo.py")   # entry points whose rerun continues where they stopped
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 
 
@@ -83,11 +85,20 @@ def run(main, prog):
     except Stopped as e:
       sys.exit(f"{prog}: {e}")
     except KeyboardInterrupt:
-      resumes = prog in ("train.py", "demo.py")
       sys.exit(f"{prog}: interrupted" + ("; run the same command again to resume from the last "
-                                         "checkpoint." if resumes else "."))
+                                         "checkpoint." if prog in RESUMES else "."))
     except USER_ERRORS as e:
       sys.exit(f"{prog}: {e}")
+  def terminate(signum, frame):
+    del signum, frame
+    # Outside training's loop (which saves first) there is nothing to save: one line, and out
+    # at once (an exception raised here could land in a callback that swallows it).
+    print(f"{prog}: stopped by SIGTERM; run the same command again to start over"
+          + (" (training resumes from its last checkpoint)." if prog in RESUMES else "."),
+          file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGTERM)
+
+  signal.signal(signal.SIGTERM, terminate)
   app.run(wrapped, flags_parser=lambda argv: parse_flags(argv, prog))
 
 
