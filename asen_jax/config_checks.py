@@ -113,18 +113,6 @@ def check_views(saved, config, joint, source):
                      f"trained with, or add {' '.join(f'--config.{k}={v}' for k, v, _ in diff)}.")
 
 
-def flatten(tree, prefix=""):
-  """{'a': {'b': 1}} -> {'a.b': 1}, for a config as JSON."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def differences(saved, now):
   """(shaping, resumable): lists of (field, saved value, new value) between two flat configs."""
   shaping, resumable = [], []

@@ -20,6 +20,7 @@ import jax
 from tensorboardX import SummaryWriter
 
 from asen_jax import config_checks
+from asen_jax import trees
 
 
 class Stopped(Exception):
@@ -91,8 +92,8 @@ def accept(workdir, config, init_from, resume_step):
     if os.path.isfile(config_path):
       with open(config_path) as f:
         saved = json.load(f)
-      shaping, resumable = config_checks.differences(config_checks.flatten(saved),
-                                                     config_checks.flatten(now))
+      shaping, resumable = config_checks.differences(trees.flatten_tree(saved, sep="."),
+                                                     trees.flatten_tree(now, sep="."))
       if shaping:
         was = ", ".join(f"{k}={old!r}" for k, old, _ in shaping)
         new = ", ".join(f"{k}={v!r}" for k, _, v in shaping)
