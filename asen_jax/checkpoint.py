@@ -211,10 +211,12 @@ class RunCheckpoints:
       cause = e
       while cause is not None and not isinstance(cause, OSError):
         cause = cause.__cause__ or cause.__context__
+      if cause is None:
+        raise   # not the filesystem (e.g. a collective after another process died)
       good = self.latest.latest_step() if kind == "latest" else None
       kept = f"; the last good one (step {good}) is intact" if good not in (None, step) else ""
       raise OSError(f"Could not write the {kind} checkpoint of step {step} in {self._root} "
-                    f"({_reason(cause or e)}){kept}: free space or fix the folder, then run the "
+                    f"({_reason(cause)}){kept}: free space or fix the folder, then run the "
                     "same command again.") from None
 
   def save_latest(self, step, variables, opt, data_iterator, meta):
