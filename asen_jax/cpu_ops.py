@@ -18,6 +18,34 @@ def use_custom(fast):
   return bool(fast) and jax.default_backend() == "cpu"
 
 
+def _keep(x):
+  """`x` through a while loop whose trip count XLA cannot know (1, or 0 for a NaN: the identity
+  either way): XLA:CPU drops optimization barriers, but never fuses a loop into its consumers."""
+  flat = x.reshape(-1)
+  trips = (flat[0] == flat[0]).astype(jnp.int32)
+  corner = (0,) * x.ndim
+
+  def body(c):   # rewrites one element with itself, so that XLA cannot drop the loop
+    i, v = c
+    return i + 1, v.at[corner].set(v[corner] + (0 * i).astype(v.dtype))
+
+  return jax.lax.while_loop(lambda c: c[0] < trips, body, (0, x))[1]
+
+
+@jax.custom_vjp
+def _stored(x):
+  return _keep(x)
+
+
+_stored.defvjp(lambda x: (_keep(x), None), lambda _, g: (g,))
+
+
+def materialize(x, fast=True):
+  """`x` computed once and stored. XLA:CPU otherwise fuses a residual stream into each of its
+  consumers, recomputing every block before it (quadratic in depth); identity elsewhere."""
+  return _stored(x) if use_custom(fast) else x
+
+
 def _xla_conv(x, w, strides, padding):
   return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_CONV_DIMS)
 
@@ -72,46 +100,62 @@ def conv(x, w, strides, padding, fast=True):
   return _xla_conv(x, w, strides, padding)
 
 
-def _bn_stats(xr, fast_variance):
-  axes = tuple(range(1, xr.ndim - 1))
-  mean = xr.mean(axes, keepdims=True)
+def _by_role(x, roles):
+  return x.reshape((roles, x.shape[0] // roles) + x.shape[1:])
+
+
+def _per_row(v, n):
+  """[roles, C] per-role values -> [n, 1, 1, C] (or [1, 1, 1, C]) to broadcast over NHWC rows."""
+  roles = v.shape[0]
+  if roles > 1:
+    v = jnp.broadcast_to(v[:, None], (roles, n // roles, v.shape[-1])).reshape(n, -1)
+  return v[:, None, None, :]
+
+
+def _bn_stats(x, roles, fast_variance):
+  # Reductions per role; everything elementwise stays NHWC, so XLA:CPU splits its loops over
+  # the batch rows instead of over 3 roles on 2 threads.
+  xr = _by_role(x, roles)
+  axes = (1, 2, 3)
+  mean = xr.mean(axes)
   if fast_variance:   # flax's BatchNorm: E[x^2] - E[x]^2, clipped at 0
-    var = jnp.maximum(0.0, jnp.square(xr).mean(axes, keepdims=True) - jnp.square(mean))
+    var = jnp.maximum(0.0, jnp.square(xr).mean(axes) - jnp.square(mean))
   else:               # two passes, as PyTorch
-    var = jnp.square(xr - mean).mean(axes, keepdims=True)
+    var = jnp.square(xr - mean[:, None, None, None]).mean(axes)
   return mean, var
 
 
-def _bn_apply(xr, mean, var, scale, bias, eps):
-  return (xr - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias
+def _bn_apply(x, mean, var, scale, bias, eps):
+  n = x.shape[0]
+  return (x - _per_row(mean, n)) * _per_row(jax.lax.rsqrt(var + eps) * scale, n) + bias
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _bn(xr, scale, bias, eps, fast_variance):
-  mean, var = _bn_stats(xr, fast_variance)
-  return _bn_apply(xr, mean, var, scale, bias, eps), mean, var
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _bn(x, scale, bias, roles, eps, fast_variance):
+  mean, var = _bn_stats(x, roles, fast_variance)
+  return _bn_apply(x, mean, var, scale, bias, eps), mean, var
 
 
-def _bn_fwd(xr, scale, bias, eps, fast_variance):
-  mean, var = _bn_stats(xr, fast_variance)
+def _bn_fwd(x, scale, bias, roles, eps, fast_variance):
+  mean, var = _bn_stats(x, roles, fast_variance)
   rstd = jax.lax.rsqrt(var + eps)
-  return (_bn_apply(xr, mean, var, scale, bias, eps), mean, var), (xr, mean, rstd, scale)
+  return (_bn_apply(x, mean, var, scale, bias, eps), mean, var), (x, mean, rstd, scale)
 
 
-def _bn_bwd(eps, fast_variance, res, cotangents):
+def _bn_bwd(roles, eps, fast_variance, res, cotangents):
   # The statistics only feed the running averages, so their cotangents are zero and ignored.
+  del eps, fast_variance
   dy = cotangents[0]
-  xr, mean, rstd, scale = res
-  axes = tuple(range(1, xr.ndim - 1))
-  xhat = (xr - mean) * rstd
-  dy_mean = dy.mean(axes, keepdims=True)
-  dyx_mean = (dy * xhat).mean(axes, keepdims=True)
+  x, mean, rstd, scale = res
+  n = x.shape[0]
+  xhat = (x - _per_row(mean, n)) * _per_row(rstd, n)
+  axes = (1, 2, 3)
+  dy_mean = _by_role(dy, roles).mean(axes)
+  dyx_mean = _by_role(dy * xhat, roles).mean(axes)
   # Means, not sums: (m dy - sum dy - xhat sum(dy xhat)) / m cancels badly at m ~ 2e5.
-  dx = (rstd * scale) * (dy - dy_mean - xhat * dyx_mean)
-  n = xr.size // (xr.shape[0] * xr.shape[-1])
-  dscale = (dyx_mean.sum(0) * n).reshape(scale.shape)
-  dbias = (dy_mean.sum(0) * n).reshape(scale.shape)
-  return dx, dscale, dbias
+  dx = _per_row(rstd * scale, n) * (dy - _per_row(dy_mean, n) - xhat * _per_row(dyx_mean, n))
+  m = x.size // (roles * x.shape[-1])
+  return dx, dyx_mean.sum(0) * m, dy_mean.sum(0) * m
 
 
 _bn.defvjp(_bn_fwd, _bn_bwd)
@@ -120,14 +164,10 @@ _bn.defvjp(_bn_fwd, _bn_bwd)
 def batch_norm_train(x, scale, bias, roles, eps, fast_variance, fast=True):
   """Training-mode BatchNorm of float32 NHWC `x`, each of `roles` equal parts of the batch with
   its own statistics: (y, mean [roles, C], biased var [roles, C])."""
-  c = x.shape[-1]
-  xr = x.reshape((roles, x.shape[0] // roles) + x.shape[1:])
   if use_custom(fast):
-    y, mean, var = _bn(xr, scale, bias, eps, fast_variance)
-  else:
-    mean, var = _bn_stats(xr, fast_variance)
-    y = _bn_apply(xr, mean, var, scale, bias, eps)
-  return y.reshape(x.shape), mean.reshape(roles, c), var.reshape(roles, c)
+    return _bn(x, scale, bias, roles, eps, fast_variance)
+  mean, var = _bn_stats(x, roles, fast_variance)
+  return _bn_apply(x, mean, var, scale, bias, eps), mean, var
 
 
 def _pool_taps(xp, ho, wo):
@@ -153,6 +193,7 @@ def _max_pool_fwd(x):
     # Strictly greater: the first maximum in window order wins, as in XLA and PyTorch.
     better = t > best
     best, arg = jnp.where(better, t, best), jnp.where(better, jnp.int8(k), arg)
+  arg = _keep(arg)   # stored, not recomputed from the input in the backward pass
   return best, (arg, x.shape)
 
 

@@ -43,27 +43,30 @@ class RoleBatchNorm(nn.BatchNorm):
   """BatchNorm that, in training, normalises each of `roles` equal parts of the batch with its
   own statistics and updates the running averages once per part, in order, with the unbiased
   variance: what `roles` separate PyTorch forwards do (the official trainer's anchor, positive,
-  negative). roles=1 is flax's BatchNorm; `fast` takes cpu_ops' backward pass on the CPU."""
+  negative). roles=1 is flax's BatchNorm, or PyTorch's with `torch_stats` (a batch that is one
+  role); `fast` takes cpu_ops' backward pass on the CPU."""
   roles: int = 1
   fast: bool = True
+  torch_stats: bool = False
 
   @nn.compact
   def __call__(self, x):
-    if self.use_running_average or (self.roles == 1 and not cpu_ops.use_custom(self.fast)):
+    torch_stats = self.torch_stats or self.roles > 1
+    if self.use_running_average or (not torch_stats and not cpu_ops.use_custom(self.fast)):
       return super().__call__(x)
     c = x.shape[-1]
     scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
     bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    # roles=1 keeps flax's statistics (E[x^2] - E[x]^2, biased running variance); per role
-    # they are PyTorch's (two passes, unbiased running variance).
+    # flax's statistics are E[x^2] - E[x]^2 with a biased running variance; PyTorch's are two
+    # passes with an unbiased running variance.
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))   # at least float32, as flax
     y, mean_r, var_r = cpu_ops.batch_norm_train(x32, scale, bias, self.roles, self.epsilon,
-                                                self.roles == 1, self.fast)
+                                                not torch_stats, self.fast)
     if not self.is_initializing():
       n = x.size // c // self.roles
-      if self.roles > 1:
+      if torch_stats:
         var_r = var_r * n / max(n - 1, 1)
       m, v = ra_mean.value, ra_var.value
       for r in range(self.roles):
@@ -73,10 +76,10 @@ class RoleBatchNorm(nn.BatchNorm):
     return y.astype(self.dtype or x.dtype)
 
 
-def batch_norm(train, dtype, roles=1, fast=True, **kwargs):
-  """torchvision's BatchNorm2d (momentum 0.1, eps 1e-5); `roles` as in RoleBatchNorm."""
+def batch_norm(train, dtype, roles=1, fast=True, torch_stats=False, **kwargs):
+  """torchvision's BatchNorm2d (momentum 0.1, eps 1e-5); the rest as in RoleBatchNorm."""
   return RoleBatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                       roles=roles, fast=fast, **kwargs)
+                       roles=roles, fast=fast, torch_stats=torch_stats, **kwargs)
 
 
 class Conv(nn.Module):
@@ -108,12 +111,14 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_roles: int = 1
   fast: bool = True
+  torch_stats: bool = False
   expansion = 1
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(Conv, dtype=self.dtype, fast=self.fast)
-    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast,
+                             self.torch_stats)
     s = (self.strides, self.strides)
     y = conv(self.planes, (3, 3), s, padding=_pad(3), name="conv1")(x)
     y = nn.relu(norm(name="bn1")(y))
@@ -122,7 +127,7 @@ class BasicBlock(nn.Module):
     if self.strides != 1 or x.shape[-1] != self.planes:
       x = conv(self.planes, (1, 1), s, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
-    return nn.relu(y + x)
+    return cpu_ops.materialize(nn.relu(y + x), self.fast)
 
 
 class Bottleneck(nn.Module):
@@ -132,12 +137,14 @@ class Bottleneck(nn.Module):
   dtype: Any = jnp.float32
   bn_roles: int = 1
   fast: bool = True
+  torch_stats: bool = False
   expansion = 4
 
   @nn.compact
   def __call__(self, x, train):
     conv = functools.partial(Conv, dtype=self.dtype, fast=self.fast)
-    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast)
+    norm = functools.partial(batch_norm, train, self.dtype, self.bn_roles, self.fast,
+                             self.torch_stats)
     out = self.planes * self.expansion
     s = (self.strides, self.strides)
     y = conv(self.planes, (1, 1), name="conv1")(x)
@@ -149,7 +156,7 @@ class Bottleneck(nn.Module):
     if self.strides != 1 or x.shape[-1] != out:
       x = conv(out, (1, 1), s, name="downsample_conv")(x)
       x = norm(name="downsample_bn")(x)
-    return nn.relu(y + x)
+    return cpu_ops.materialize(nn.relu(y + x), self.fast)
 
 
 class ResNet(nn.Module):
@@ -170,21 +177,34 @@ class ResNet(nn.Module):
     """(B, H, W, 3) normalised images -> (B, H/16, W/16, C) features for num_stages=3
     (H/output_stride with an output_stride)."""
     block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
-    x = jnp.asarray(x_bhwc, self.dtype)
-    x = Conv(scaled_channels(64, self.width), (7, 7), (2, 2), _pad(7), self.dtype, self.fast,
-             name="conv1")(x)
-    x = batch_norm(train, self.dtype, self.bn_roles, self.fast, name="bn1")(x)
-    x = nn.relu(x)
-    x = cpu_ops.max_pool_3x3_s2(x, self.fast)
+    # On the CPU each role runs the trunk on its own, as the official trainer's three forwards:
+    # the same numbers, with a third of the activations live at a time.
+    split = train and self.bn_roles > 1 and cpu_ops.use_custom(self.fast)
+    roles = 1 if split else self.bn_roles
+    stem = Conv(scaled_channels(64, self.width), (7, 7), (2, 2), _pad(7), self.dtype, self.fast,
+                name="conv1")
+    stem_bn = batch_norm(train, self.dtype, roles, self.fast, split, name="bn1")
+    blocks = []
     stride, target = 4, self.output_stride or 4 * 2 ** (self.num_stages - 1)
     for stage in range(self.num_stages):
       planes = scaled_channels(BASE_PLANES[stage], self.width)
       for i in range(self.stage_sizes[stage]):
         strides = 2 if (stage > 0 and i == 0 and stride < target) else 1
         stride *= strides
-        x = block_cls(planes, strides, self.dtype, self.bn_roles, self.fast,
-                      name=f"layer{stage + 1}_{i}")(x, train)
-    return x
+        blocks.append(block_cls(planes, strides, self.dtype, roles, self.fast, split,
+                                name=f"layer{stage + 1}_{i}"))
+
+    def trunk(x):
+      x = cpu_ops.max_pool_3x3_s2(nn.relu(stem_bn(stem(x))), self.fast)
+      for block in blocks:
+        x = block(x, train)
+      return x
+
+    x = jnp.asarray(x_bhwc, self.dtype)
+    if not split:
+      return trunk(x)
+    parts = x.reshape((self.bn_roles, -1) + x.shape[1:])
+    return jnp.concatenate([trunk(parts[r]) for r in range(self.bn_roles)])
 
 
 def output_strides(num_stages=3):
