@@ -19,6 +19,8 @@ out of time is reported and the next one runs):
   map_speed    bench/map_speed.py
   input        bench/input_pipeline.py at paper size over worker counts, against the triplets
                per second the bfloat16 step consumes
+  tests        the model and training tests under the host's JAX (on its CPU, as conftest.py
+               sets); --quick: tests/test_losses.py, for the plumbing
 Writes DIR/gpu_check.json (every figure) and DIR/gpu_check.log (every part's output).
 --platform cpu --quick runs every part at tiny sizes on the CPU (tests/test_gpu_check.py).
 """
@@ -40,8 +42,8 @@ BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H2
              ("GH200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12))
 MAP_TOLERANCE = {"float32": 0.1, "bfloat16": 0.5}   # MAP points against the CPU in float32
 # Shares of the time left that each part may take.
-SHARES = {"env": 0.5, "data": 0.6, "correctness": 2.2, "train_step": 4.0, "embedding": 1.0,
-          "map_speed": 0.5, "input": 1.0}
+SHARES = {"env": 0.4, "data": 1.0, "correctness": 3.0, "train_step": 4.5, "embedding": 0.8,
+          "map_speed": 0.4, "input": 0.8, "tests": 1.5}
 PARTS = tuple(SHARES)
 
 
@@ -113,7 +115,8 @@ class Check:
     self.say(f"  -> {'TIMED OUT' if timed_out else f'exit {proc.returncode}'} "
              f"after {seconds:.1f}s")
     return {"rc": proc.returncode, "seconds": round(seconds, 1), "timed_out": timed_out,
-            "tail": "\n".join(tail[-12:]) if timed_out or proc.returncode else ""}
+            "tail": "\n".join(tail[-12:]) if timed_out or proc.returncode else "",
+            "last_line": tail[-1] if tail else ""}
 
   def json_run(self, name, cmd, timeout, env=None):
     """Runs a command that writes --json FILE; returns (its JSON or None, the run record)."""
@@ -156,7 +159,7 @@ def part_data(check, box):
 def part_correctness(check, box):
   end = time.monotonic() + box
   out = {"tolerance": MAP_TOLERANCE, "runs": {}}
-  train, out["runs"]["train"] = check.step("train", 0.5 * box)
+  train, out["runs"]["train"] = check.step("train", 0.6 * box)
   out["train"] = train
   if train is None:
     out["status"] = "failed: training"
@@ -333,9 +336,21 @@ def part_input(check, box):
   return out
 
 
+def part_tests(check, box):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  files = (["tests/test_losses.py"] if check.args.quick else
+           ["tests/test_model.py", "tests/test_resnet.py", "tests/test_roi.py",
+            "tests/test_train.py"])
+  cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"] + files
+  if not check.args.quick and importlib.util.find_spec("xdist"):
+    cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+  record = check.run("tests", cmd, box)
+  return {"files": files, "run": record, "summary": record["last_line"]}
+
+
 RUNNERS = {"env": part_env, "data": part_data, "correctness": part_correctness,
            "train_step": part_train_step, "embedding": part_embedding,
-           "map_speed": part_map_speed, "input": part_input}
+           "map_speed": part_map_speed, "input": part_input, "tests": part_tests}
 
 
 def install(check, args):
@@ -430,6 +445,8 @@ def summary(results):
   for r in inp.get("rates", []):
     lines.append(f"input workers={r['workers']}: {r['images_per_s']:.0f} images/s "
                  f"({r['triplets_per_s']:.1f} triplets/s)")
+  if results["parts"].get("tests"):
+    lines.append(f"tests: {results['parts']['tests'].get('summary')}")
   if "fed" in inp:
     fed = inp["fed"]
     lines.append(f"fed: pipeline {fed['pipeline_triplets_per_s']:.1f} vs bf16 step "
@@ -503,7 +520,7 @@ def _correctness_configs(args):
                      "model.local_common_dim": 8, "model.embed_dim": 32, "train.batch_size": 4,
                      "eval.batch_size": 8, "train.max_steps": 2, "train.log_every": 1})
     else:
-      fields["train.max_steps"] = 200 if stage == "global" else 100
+      fields["train.max_steps"] = 150 if stage == "global" else 80
       fields[f"model.init_backbones.{stage if stage == 'global' else 'local'}_file"] = (
           end_to_end.SHIPPED_BACKBONE)
     configs.append(common.apply_overrides(c, fields))
@@ -516,7 +533,7 @@ def step_data(args):
   from asen_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from asen_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   sizes = (dict(num_train=24, num_valid=8, num_test=12) if args.quick
-           else dict(num_train=1000, num_valid=100, num_test=300))
+           else dict(num_train=600, num_valid=60, num_test=240))
   t0 = time.perf_counter()
   synthetic.generate(_data_root(args), seed=0, workers=os.cpu_count() or 1, **sizes)
   gen_s = time.perf_counter() - t0
@@ -572,13 +589,13 @@ def main():
   p.add_argument("--out", help="folder for gpu_check.json and gpu_check.log")
   p.add_argument("--platform", choices=("gpu", "cpu"), default="gpu")
   p.add_argument("--quick", action="store_true", help="tiny sizes: the test's run on a CPU")
-  p.add_argument("--budget_s", type=float, default=480,
+  p.add_argument("--budget_s", type=float, default=500,
                  help="seconds for all parts together, install included")
   p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " +
                  ", ".join(PARTS))
   p.add_argument("--large_batches", default="256,128,64",
                  help="the large batch: the largest of these that fits")
-  p.add_argument("--steps", type=int, default=10, help="timed training steps per run")
+  p.add_argument("--steps", type=int, default=5, help="timed training steps per run")
   p.add_argument("--wheels", default="", help="folder of wheels to install first (no network)")
   p.add_argument("--target", default=os.path.join(tempfile.gettempdir(), "asen_site"),
                  help="where --wheels go")
