@@ -64,8 +64,8 @@ def time_forward(args):
   config, image_size = base.model, base.data.image_size
   model = model_lib.build_model(config, 8, with_local=True, dtype=args.dtype)
   t0 = time.perf_counter()
-  variables = jax.block_until_ready(jax.jit(lambda key: model_lib.init_variables(
-      model, key, image_size, config.local_size))(jax.random.key(0)))
+  variables = jax.block_until_ready(model_lib.init_variables(
+      model, jax.random.key(0), image_size, config.local_size))
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), dtype {args.dtype}, "
         f"batch {args.batch}; init {time.perf_counter() - t0:.1f}s")
   rng = np.random.RandomState(0)

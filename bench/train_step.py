@@ -97,9 +97,8 @@ def jax_runner(config, fast):
                                 bn_roles=trainer.BN_STATS[config.train.bn_stats])
   tx = extend.make_optimizer(config) if plan else trainer.make_optimizer(config, joint)
   mesh = parallel.make_mesh()
-  # Jitted: op by op, the init compiles hundreds of small programs (minutes on a GPU).
-  variables = jax.jit(lambda key: model_lib.init_variables(
-      model, key, config.data.image_size, config.model.local_size))(jax.random.key(0))
+  variables = model_lib.init_variables(model, jax.random.key(0), config.data.image_size,
+                                       config.model.local_size)
   params = variables["params"]
   state = parallel.replicate(mesh, trainer.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],

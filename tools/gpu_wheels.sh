@@ -15,6 +15,9 @@ packages=(
   dm-tree==0.1.10 docstring-parser==0.18.0 googleapis-common-protos==1.76.0
   immutabledict==4.3.1 portpicker==1.6.0 simple-parsing==0.1.9
   tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2
+  # The host has protobuf, of a version not known here; tensorflow-metadata's generated code
+  # refuses a runtime older than 6.33.5, so the pinned one comes along.
+  protobuf==7.36.2
 )
 mkdir -p "$dest"
 for p in "${packages[@]}"; do
