@@ -215,7 +215,8 @@ def part_train_step(check, box):
   large = [int(b) for b in args.large_batches.split(",")]
   steps = "1" if args.quick else str(args.steps)
   # JAX allocates as it goes, so that a PyTorch step in the same process finds memory too.
-  env = dict(check.env, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  env = dict(check.env, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+             XLA_PYTHON_CLIENT_MEM_FRACTION="0.9")
   torch_device = "cpu" if args.platform == "cpu" else "cuda"
   base = [sys.executable, os.path.join(BENCH, "train_step.py"), "--sizes", size, "--stages",
           stages, "--steps", steps]
@@ -234,10 +235,13 @@ def part_train_step(check, box):
 
   runs_meta = {}
   # In order of what the verdicts need: bf16 and PyTorch at both batches first, float32 last.
-  plan = [("bfloat16", small), ("torch", small), ("bfloat16", "large"), ("torch", "large"),
-          ("float32", small), ("float32", "large")][:4 if args.quick else 6]
+  # At the large batch each PyTorch path has its own process: float32 may not fit.
+  plan = [("bfloat16", small), ("torch", small), ("bfloat16", "large"),
+          ("torch_bf16", "large"), ("float32", small), ("float32", "large"),
+          ("torch_fp32", "large")][:4 if args.quick else 7]
+  torch_paths = {"torch": "torch,torch_bf16", "torch_bf16": "torch_bf16", "torch_fp32": "torch"}
   for i, (what, batch) in enumerate(plan):
-    dtype = "bfloat16" if what == "torch" else what
+    dtype = "bfloat16" if what in torch_paths else what
     if batch == "large":
       small_run = [r for r in runs if r["dtype"] == dtype and r["batch_size"] == small
                    and r["path"] == "xla" and r["stage"] == stages.split(",")[-1]]
@@ -246,12 +250,12 @@ def part_train_step(check, box):
         continue
       batch = chosen.setdefault(dtype, _fit_batch(small_run[0], large, small))
     key = f"{what}_{batch}"
-    paths = "torch,torch_bf16" if what == "torch" else "xla"
+    paths = torch_paths.get(what, "xla")
     flags = ["--paths", paths, "--dtype", dtype, "--batch_size", str(batch),
              "--torch_device", torch_device]
     data = launch(key, flags, 1 / (len(plan) - i))
     # Out of memory despite the estimate: one smaller batch, if any.
-    if data is None and what != "torch" and batch in large and batch != min(large):
+    if data is None and what not in torch_paths and batch in large and batch != min(large):
       smaller = max(b for b in large if b < batch)
       chosen[dtype] = smaller
       launch(f"{what}_{smaller}", flags[:-4] + ["--batch_size", str(smaller)] + flags[-2:],
@@ -300,7 +304,7 @@ def part_embedding(check, box):
   size = "demo" if args.quick else "paper"
   forward = ["--batch", "4", "--iters", "2"] if args.quick else ["--batch", "128", "--iters", "10"]
   split = (["--split_images", "8", "--eval_batch", "8", "--reps", "1", "--stage", "global"]
-           if args.quick else ["--split_images", "256", "--eval_batch", "64", "--reps", "2"])
+           if args.quick else ["--split_images", "128", "--eval_batch", "64", "--reps", "2"])
   cmd = [sys.executable, os.path.join(BENCH, "model_forward.py"), "--dtype", "bfloat16",
          "--size", size]
   fwd, r1 = check.json_run("embedding_forward", cmd + forward, 0.4 * box)
@@ -324,7 +328,7 @@ def part_input(check, box):
              "--warmup", "1", "--workers", "0", "1"]
   else:
     sizes = ["--image_size", "224", "--hires_size", "448", "--batch_size", "64", "--steps",
-             "15", "--warmup", "3", "--workers"] + [str(w) for w in sorted({cpus // 2, cpus})]
+             "10", "--warmup", "2", "--workers"] + [str(w) for w in sorted({cpus // 2, cpus})]
   data, record = check.json_run("input", [sys.executable, os.path.join(BENCH,
                                                                        "input_pipeline.py"),
                                           "--root", os.path.join(check.work, "data")] + sizes,
@@ -619,7 +623,7 @@ def main():
   p.add_argument("--out", help="folder for gpu_check.json and gpu_check.log")
   p.add_argument("--platform", choices=("gpu", "cpu"), default="gpu")
   p.add_argument("--quick", action="store_true", help="tiny sizes: the test's run on a CPU")
-  p.add_argument("--budget_s", type=float, default=500,
+  p.add_argument("--budget_s", type=float, default=520,
                  help="seconds for all parts together, install included")
   p.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of " +
                  ", ".join(PARTS))

@@ -31,7 +31,9 @@ def test_quick_check_reports_every_part(tmp_path):
   assert isinstance(corr["pass"], bool)
   steps = res["parts"]["train_step"]
   paths = {(r["path"], r["batch"]) for r in steps["table"]}
-  assert paths == {(p, b) for p in ("jax_bfloat16", "torch", "torch_bf16") for b in (4, 8)}
+  # --quick stops the plan before float32 and PyTorch float32 at the large batch.
+  assert paths == {("jax_bfloat16", 4), ("torch", 4), ("torch_bf16", 4), ("jax_bfloat16", 8),
+                   ("torch_bf16", 8)}
   assert all(r["triplets_per_s"] > 0 for r in steps["table"])
   assert {r["flops"] > 0 for r in steps["runs"] if r["path"] == "xla"} == {True}
   assert set(steps["verdicts"]) == {"global_bf16_b4_vs_torch_fp32",
