@@ -174,6 +174,9 @@ def part_correctness(check, box):
   # device_*: on --platform (with --platform cpu, a second CPU process: the plumbing only).
   evals = (("cpu_float32", "float32", cpu_env), ("device_float32", "float32", None),
            ("device_bfloat16", "bfloat16", None))
+  if not check.args.quick:   # what TF32 (the GPU's default for float32 products) moves
+    evals += (("device_float32_highest", "float32",
+               dict(check.env, JAX_DEFAULT_MATMUL_PRECISION="highest")),)
   for i, (key, dtype, env) in enumerate(evals):
     timeout = (end - time.monotonic()) / (len(evals) - i)
     res, out["runs"][key] = check.step("eval", timeout, "--dtype", dtype, env=env)
