@@ -46,3 +46,34 @@ def test_quick_check_reports_every_part(tmp_path):
   assert [r["workers"] for r in inp["rates"]] == [0, 1]
   assert inp["fed"]["pipeline_triplets_per_s"] > 0 and isinstance(inp["fed"]["holds"], bool)
   assert "passed" in res["parts"]["tests"]["summary"]
+
+
+def test_a_part_out_of_time_is_reported_and_the_rest_still_run(tmp_path):
+  run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"),
+                        "--platform", "cpu", "--quick", "--out", str(tmp_path),
+                        "--parts", "env,map_speed,input", "--budget_s", "6"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  with open(tmp_path / "gpu_check.json") as f:
+    res = json.load(f)
+  assert tuple(res["parts"]) == ("env", "map_speed", "input")
+  assert res["parts"]["map_speed"]["status"] == "timed out"
+  assert res["parts"]["input"]["status"] != "ok"
+  assert res["total_s"] < 30
+
+
+def test_the_large_batch_is_the_largest_that_fits():
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  import gpu_check  # pylint: disable=g-import-not-at-top
+  gib = 2**30
+  info = {"argument_bytes": 2 * gib, "output_bytes": 2 * gib, "alias_bytes": 2 * gib,
+          "temp_bytes": 4 * gib, "device_bytes_limit": 80 * gib}
+  # 2 GiB of state, 0.25 GiB of activations per triplet: 256 needs 66 GiB, within 72.
+  assert gpu_check._fit_batch(info, [256, 128, 64], 16) == 256
+  assert gpu_check._fit_batch({**info, "temp_bytes": 8 * gib}, [256, 128, 64], 16) == 128
+  assert gpu_check._fit_batch({**info, "temp_bytes": 64 * gib}, [256, 128, 64], 16) == 64
+  assert gpu_check._fit_batch({**info, "device_bytes_limit": None}, [256, 128, 64], 16) == 256
+  assert gpu_check.bf16_peak("NVIDIA H100 80GB HBM3") == 989e12
+  assert gpu_check.bf16_peak("NVIDIA H100 PCIe") == 756e12
+  assert gpu_check.bf16_peak("NVIDIA H200") == 989e12
+  assert gpu_check.bf16_peak("cpu") is None
