@@ -135,9 +135,9 @@ class Check:
         data = json.load(f)
     return data, record
 
-  def step(self, step, timeout, *extra, env=None):
+  def step(self, step, timeout, *extra, env=None, name=None):
     """This script's own child mode (--step): imports jax there, not here."""
-    return self.json_run(step, [sys.executable, os.path.abspath(__file__), "--step", step,
+    return self.json_run(name or step, [sys.executable, os.path.abspath(__file__), "--step", step,
                                 "--work", self.work, "--platform", self.args.platform]
                          + (["--quick"] if self.args.quick else []) + list(extra),
                          timeout, env)
@@ -167,7 +167,8 @@ def part_correctness(check, box):
   train, out["runs"]["train"] = check.step("train", 0.6 * box)
   out["train"] = train
   if train is None:
-    out["status"] = "failed: training"
+    out["status"] = ("timed out" if out["runs"]["train"]["timed_out"] else "failed") + (
+        ": training")
     return out
   maps = {}
   cpu_env = dict(check.env, JAX_PLATFORMS="cpu")
@@ -179,7 +180,8 @@ def part_correctness(check, box):
                dict(check.env, JAX_DEFAULT_MATMUL_PRECISION="highest")),)
   for i, (key, dtype, env) in enumerate(evals):
     timeout = (end - time.monotonic()) / (len(evals) - i)
-    res, out["runs"][key] = check.step("eval", timeout, "--dtype", dtype, env=env)
+    res, out["runs"][key] = check.step("eval", timeout, "--dtype", dtype, env=env,
+                                       name=f"eval_{key}")
     maps[key] = res
   out["map"] = maps
   ref = maps.get("cpu_float32")
@@ -226,7 +228,7 @@ def part_train_step(check, box):
   runs, records, chosen = [], {}, {}
 
   def launch(key, flags, share):
-    timeout = min((end - time.monotonic()) * share, end - time.monotonic())
+    timeout = (end - time.monotonic()) * share
     if timeout < 10:
       records[key] = {"skipped": "time box spent"}
       return None
@@ -239,11 +241,15 @@ def part_train_step(check, box):
   runs_meta = {}
   # In order of what the verdicts need: bf16 and PyTorch at both batches first, float32 last.
   # At the large batch each PyTorch path has its own process: float32 may not fit.
-  plan = [("bfloat16", small), ("torch", small), ("bfloat16", "large"),
-          ("torch_bf16", "large"), ("float32", small), ("float32", "large"),
-          ("torch_fp32", "large")][:4 if args.quick else 7]
+  # Weights: a JAX run compiles two steps, a PyTorch run compiles nothing. The first four runs
+  # (the verdicts') share the time box; the float32 ones get what they leave.
+  plan = [("bfloat16", small, 3), ("torch", small, 1.5), ("bfloat16", "large", 3),
+          ("torch_bf16", "large", 1), ("float32", small, 3), ("float32", "large", 3),
+          ("torch_fp32", "large", 1)][:4 if args.quick else 7]
   torch_paths = {"torch": "torch,torch_bf16", "torch_bf16": "torch_bf16", "torch_fp32": "torch"}
-  for i, (what, batch) in enumerate(plan):
+  for i, (what, batch, weight) in enumerate(plan):
+    group = plan[i:4] if i < 4 else plan[i:]
+    share = weight / sum(w for _, _, w in group)
     dtype = "bfloat16" if what in torch_paths else what
     if batch == "large":
       small_run = [r for r in runs if r["dtype"] == dtype and r["batch_size"] == small
@@ -256,13 +262,13 @@ def part_train_step(check, box):
     paths = torch_paths.get(what, "xla")
     flags = ["--paths", paths, "--dtype", dtype, "--batch_size", str(batch),
              "--torch_device", torch_device]
-    data = launch(key, flags, 1 / (len(plan) - i))
+    data = launch(key, flags, share)
     # Out of memory despite the estimate: one smaller batch, if any.
     if data is None and what not in torch_paths and batch in large and batch != min(large):
       smaller = max(b for b in large if b < batch)
       chosen[dtype] = smaller
       launch(f"{what}_{smaller}", flags[:-4] + ["--batch_size", str(smaller)] + flags[-2:],
-             1 / (len(plan) - i))
+             share)
   out = {"size": size, "runs": runs, "records": records, "large_batch": chosen, **runs_meta}
   out.update(summarise_steps(runs, small, chosen, runs_meta.get("device", "")))
   return out
