@@ -241,14 +241,16 @@ def part_train_step(check, box):
   runs_meta = {}
   # In order of what the verdicts need: bf16 and PyTorch at both batches first, float32 last.
   # At the large batch each PyTorch path has its own process: float32 may not fit.
-  # Weights: a JAX run compiles two steps, a PyTorch run compiles nothing. The first four runs
-  # (the verdicts') share the time box; the float32 ones get what they leave.
-  plan = [("bfloat16", small, 3), ("torch", small, 1.5), ("bfloat16", "large", 3),
-          ("torch_bf16", "large", 1), ("float32", small, 3), ("float32", "large", 3),
-          ("torch_fp32", "large", 1)][:4 if args.quick else 7]
-  torch_paths = {"torch": "torch,torch_bf16", "torch_bf16": "torch_bf16", "torch_fp32": "torch"}
+  # Weights: a JAX run compiles two steps, a PyTorch run compiles nothing. The first three runs
+  # (the verdicts') share the time box; the float32 ones get what they leave. At batch 16 the
+  # PyTorch steps run in the JAX step's process, interleaved with it; at the large batch each
+  # has its own (float32 may not fit).
+  plan = [("bfloat16", small, 4), ("bfloat16", "large", 3), ("torch_bf16", "large", 1),
+          ("float32", small, 3), ("float32", "large", 3),
+          ("torch_fp32", "large", 1)][:3 if args.quick else 6]
+  torch_paths = {"torch_bf16": "torch_bf16", "torch_fp32": "torch"}
   for i, (what, batch, weight) in enumerate(plan):
-    group = plan[i:4] if i < 4 else plan[i:]
+    group = plan[i:3] if i < 3 else plan[i:]
     share = weight / sum(w for _, _, w in group)
     dtype = "bfloat16" if what in torch_paths else what
     if batch == "large":
@@ -259,7 +261,8 @@ def part_train_step(check, box):
         continue
       batch = chosen.setdefault(dtype, _fit_batch(small_run[0], large, small))
     key = f"{what}_{batch}"
-    paths = torch_paths.get(what, "xla")
+    paths = torch_paths.get(what, "xla,torch,torch_bf16" if (what, batch) == ("bfloat16", small)
+                            else "xla")
     flags = ["--paths", paths, "--dtype", dtype, "--batch_size", str(batch),
              "--torch_device", torch_device]
     data = launch(key, flags, share)
