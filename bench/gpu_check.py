@@ -1,6 +1,6 @@
 """The whole GPU check in one command: correctness, training step, evaluation, input pipeline.
 
-  python bench/gpu_check.py --out DIR [--platform gpu|cpu] [--quick] [--budget_s 480]
+  python bench/gpu_check.py --out DIR [--platform gpu|cpu] [--quick] [--budget_s 520]
       [--wheels .whl --target /tmp/asen_site]
 
 --wheels installs the wheels that tools/gpu_wheels.sh downloaded (no network) into --target, which
