@@ -1,6 +1,6 @@
 """Training input pipeline throughput (triplets/s) for 0 and 2 grain workers.
 
-    python bench/input_pipeline.py [--root data] [--image_size 224 --hires_size 448]
+    python bench/input_pipeline.py [--root data] [--image_size 224 --hires_size 448] [--json FILE]
 
 Uses <root>/Synthetic (generated with the default sizes if missing) and builds it into
 <root>/tfds if needed. Each triplet is three decoded images, each resized twice (view + hires).
@@ -14,6 +14,7 @@ from asen_jax import allocator  # noqa: E402
 allocator.preload()   # before jax starts: see asen_jax/allocator.py
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import flags  # noqa: E402
@@ -49,6 +50,7 @@ def main():
   parser.add_argument("--steps", type=int, default=30)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+  parser.add_argument("--json", default="", help="also write the rates to this JSON file")
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
 
@@ -66,10 +68,19 @@ def main():
   print(f"prepare_dataset: {time.perf_counter() - t0:.1f}s")
   print(f"cpus={os.cpu_count()} image_size={args.image_size} hires_size={args.hires_size} "
         f"batch={args.batch_size} steps={args.steps}")
+  rates = []
   for workers in args.workers:
     rate, first = _rate(c, workers, args.steps, args.warmup)
     print(f"workers={workers}: {rate:8.1f} triplets/s  ({rate / args.batch_size:.2f} steps/s; "
           f"first {args.warmup} batches {first:.1f}s)", flush=True)
+    # Each triplet is three images, each decoded into a view and a hires view.
+    rates.append({"workers": workers, "triplets_per_s": rate, "images_per_s": 3 * rate,
+                  "first_batches_s": first})
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"cpus": os.cpu_count(), "image_size": args.image_size,
+                 "hires_size": args.hires_size, "batch_size": args.batch_size,
+                 "steps": args.steps, "rates": rates}, f, indent=1)
 
 
 if __name__ == "__main__":

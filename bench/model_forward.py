@@ -1,6 +1,6 @@
 """Images/s of the ASEN++ embeddings: the two branches alone, and the evaluation of a split.
 
-  python bench/model_forward.py [--batch 32] [--iters 10] [--dtype float32|bfloat16]
+  python bench/model_forward.py [--batch 32] [--iters 10] [--dtype float32|bfloat16] [--size demo]
   python bench/model_forward.py --split_images 32 [--size paper|demo] [--stage joint|global]
       [--eval_batch 16] [--lines_per_image 5] [--reps 3] [--per_line] [--torch]
 
@@ -14,7 +14,8 @@ in both branches, random heads); --per_line also times the earlier way, every li
 (tests/per_line_reference.py), interleaved with it on the same weights, and checks both give the
 same embeddings and MAP; --torch times the PyTorch reference model (tests/torch_reference.py)
 per line on the same views (model only: views decoded beforehand, crops centred).
-Runs on the default JAX backend (CPU here, GPU/TPU where installed).
+Runs on the default JAX backend (CPU here, GPU/TPU where installed). --json FILE also writes
+the figures.
 """
 import os
 import sys
@@ -27,6 +28,7 @@ allocator.preload()   # before jax starts: see asen_jax/allocator.py
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -49,16 +51,27 @@ from configs import fashionai  # noqa: E402  pylint: disable=g-import-not-at-top
 from configs import synthetic as synthetic_config  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
+def write_json(args, record):
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+                 "dtype": args.dtype, **record}, f, indent=1)
+
+
 def time_forward(args):
-  config = common.base_config("joint").model
+  base = (synthetic_config.get_config("joint") if args.size == "demo"
+          else common.base_config("joint"))
+  config, image_size = base.model, base.data.image_size
   model = model_lib.build_model(config, 8, with_local=True, dtype=args.dtype)
   t0 = time.perf_counter()
-  variables = jax.block_until_ready(model_lib.init_variables(model, jax.random.key(0)))
+  variables = jax.block_until_ready(model_lib.init_variables(
+      model, jax.random.key(0), image_size, config.local_size))
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), dtype {args.dtype}, "
         f"batch {args.batch}; init {time.perf_counter() - t0:.1f}s")
   rng = np.random.RandomState(0)
   attrs = jnp.asarray(rng.randint(0, 8, args.batch), jnp.int32)
-  for method, size in (("embed_global", 224), ("embed_local", config.local_size)):
+  record = {"mode": "forward", "size": args.size, "batch": args.batch}
+  for method, size in (("embed_global", image_size), ("embed_local", config.local_size)):
     fn = jax.jit(lambda v, x, a, m=method: model.apply(v, x, a, method=m))
     x = jnp.asarray(rng.randn(args.batch, size, size, 3), jnp.float32)
     t0 = time.perf_counter()
@@ -71,6 +84,9 @@ def time_forward(args):
     dt = (time.perf_counter() - t0) / args.iters
     print(f"{method:12s} {size}x{size}: {args.batch / dt:9.1f} images/s "
           f"({dt * 1e3:.1f} ms/batch; first call {compile_s:.1f}s)")
+    record[method] = {"image_size": size, "images_per_s": args.batch / dt,
+                      "first_call_s": compile_s}
+  write_json(args, record)
 
 
 def split_config(args, root):
@@ -151,6 +167,10 @@ def time_split(args, root):
     best = min(ts)
     print(f"{name:9s} {args.split_images / best:8.2f} images/s {lines / best:8.2f} lines/s "
           f"(best of {len(ts)}: {best:.2f}s; all {', '.join(f'{t:.2f}' for t in ts)})")
+  best = min(times["by image"])
+  write_json(args, {"mode": "split", "size": args.size, "stage": args.stage,
+                    "images": args.split_images, "lines": lines, "eval_batch": args.eval_batch,
+                    "images_per_s": args.split_images / best, "lines_per_s": lines / best})
   if args.per_line:
     ratio = min(times["per line"]) / min(times["by image"])
     diff = max(float(np.abs(a["emb"] - b["emb"]).max())
@@ -214,6 +234,7 @@ def main():
   parser.add_argument("--per_line", action="store_true",
                       help="also time the per-line embedding, interleaved")
   parser.add_argument("--torch", action="store_true", help="also time the PyTorch reference")
+  parser.add_argument("--json", default="", help="also write the figures to this JSON file")
   args = parser.parse_args()
   if args.split_images:
     root = tempfile.mkdtemp(prefix="asen_bench_")

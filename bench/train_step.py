@@ -1,7 +1,7 @@
 """Times the jitted training step side by side with the PyTorch reference step, in one process.
 
   python bench/train_step.py [--sizes paper,synthetic] [--stages global,joint,extend] [--steps 5]
-      [--paths fast,xla,torch] [--bn_stats per_role]
+      [--paths fast,xla,torch] [--bn_stats per_role] [--torch_device cuda] [--json FILE]
 
 paper: batch 16 triplets, 224 global view (448 hires view), 112 RoI crop, ResNet-50/34
 (FashionAI config). synthetic: configs/synthetic.py. Batches are random uint8 images (no input
@@ -12,6 +12,9 @@ Paths, timed in turn so that all see the same machine:
   torch  the official trainer's structure (tests/torch_train_reference.py): anchors, positives
          and negatives as three forwards per branch, Adam; stage 2 crops each RoI from the
          hires view with F.interpolate around the attention map's largest cell.
+  torch_bf16  the same under torch.autocast(bfloat16).
+--json writes every timing with the JAX step's FLOPs (its HLO before optimisation) and memory
+(bench/gpu_check.py reads it). size tiny: tests/tiny_synthetic.py's model, for quick checks.
 Stage extend (asen_jax/extend.py: one new attribute's table row trains on a joint model, all
 else frozen) has no PyTorch counterpart; its step is set against the joint step's.
 """
@@ -22,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from asen_jax import allocator  # noqa: E402
 
 allocator.preload()   # before jax starts: see asen_jax/allocator.py
+import json  # noqa: E402
 import time  # noqa: E402
 
 from absl import app  # noqa: E402
@@ -38,14 +42,22 @@ from asen_jax.data import synthetic as synthetic_data  # noqa: E402
 from configs import fashionai  # noqa: E402
 from configs import synthetic  # noqa: E402
 
-_SIZES = flags.DEFINE_list("sizes", ["paper", "synthetic"], "paper and/or synthetic")
+_SIZES = flags.DEFINE_list("sizes", ["paper", "synthetic"], "paper, synthetic and/or tiny")
 _STAGES = flags.DEFINE_list("stages", ["global", "joint", "extend"],
                             "global, joint and/or extend")
 _STEPS = flags.DEFINE_integer("steps", 5, "timed steps after the first (compiling) one")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "triplets per step")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute dtype (bfloat16 on GPU/TPU)")
 _BN_STATS = flags.DEFINE_string("bn_stats", "per_role", "train.bn_stats of the JAX step")
-_PATHS = flags.DEFINE_list("paths", ["fast", "xla", "torch"], "fast, xla and/or torch")
+_PATHS = flags.DEFINE_list("paths", ["fast", "xla", "torch"],
+                           "fast, xla, torch and/or torch_bf16")
+_TORCH_DEVICE = flags.DEFINE_string("torch_device", "cpu", "device of the PyTorch step (cuda)")
+_JSON = flags.DEFINE_string("json", "", "also write the results to this JSON file")
+TORCH_PATHS = ("torch", "torch_bf16")
+# tests/tiny_synthetic.py's sizes: the whole benchmark in seconds on a CPU.
+TINY = {"global_backbone": "resnet18", "local_backbone": "resnet18", "width": 0.0625,
+        "attr_dim": 16, "global_common_dim": 16, "local_common_dim": 8, "embed_dim": 32,
+        "local_size": 32}
 
 
 def get_config(size, stage):
@@ -53,6 +65,9 @@ def get_config(size, stage):
     config = fashionai.get_config(stage)
   else:
     config = synthetic.get_config(stage)
+    if size == "tiny":
+      config.model.update(TINY)
+      config.data.image_size, config.data.hires_size = 32, 64
     # The generator's attribute lists, so that no dataset has to exist for the benchmark.
     config.data.attributes = synthetic_data.ATTRIBUTES
     config.data.num_values = tuple(len(v) for v in synthetic_data.VALUE_NAMES)
@@ -95,7 +110,8 @@ def jax_runner(config, fast):
   step_fn = (extend.make_extend_step(config, model, tx, plan, mesh) if plan
              else trainer.make_train_step(config, model, tx, joint, mesh))
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  lowered = step_fn.lower(state, batch)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   box = [state]
 
@@ -104,11 +120,30 @@ def jax_runner(config, fast):
     jax.block_until_ready(metrics)
 
   run()   # warm-up
+  run.info = step_info(lowered, compiled)
   return run, compile_s
 
 
-def torch_runner(config):
-  """(run one step, 0) for the PyTorch reference step with the official trainer's structure."""
+def step_info(lowered, compiled):
+  """FLOPs of the step (counted on the HLO before optimisation, where convolutions are not yet
+  opaque library calls) and its device memory in bytes."""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  info = {"flops": float(cost["flops"]) if cost and "flops" in cost else None}
+  try:
+    mem = compiled.memory_analysis()
+    info.update({f"{k}_bytes": int(getattr(mem, f"{k}_size_in_bytes"))
+                 for k in ("argument", "output", "alias", "temp")})
+  except Exception:  # pylint: disable=broad-except
+    pass   # not every backend reports it
+  stats = jax.devices()[0].memory_stats() or {}
+  info["device_bytes_limit"] = stats.get("bytes_limit")
+  return info
+
+
+def torch_runner(config, device="cpu", autocast=False):
+  """(run one step, 0) for the PyTorch reference step with the official trainer's structure;
+  `autocast`: under torch.autocast(bfloat16), as mixed-precision PyTorch training runs."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   from tests import torch_reference as tr  # pylint: disable=g-import-not-at-top
@@ -117,16 +152,18 @@ def torch_runner(config):
   m, joint = config.model, config.stage == "joint"
   net = tr.ASENPP(len(config.data.attributes), m.global_backbone, m.local_backbone, m.width,
                   m.attr_dim, m.global_common_dim, m.local_common_dim, m.reduction, m.embed_dim,
-                  with_local=joint)
+                  with_local=joint).to(device)
   opt, _ = ttr.make_optimizer(net, config.stage, config.train.lr, config.train.lr_global,
                               config.train.decay_rate, 1)
   batch = random_batch(config)
-  mean = torch.tensor(model_lib.IMAGENET_MEAN).view(1, 3, 1, 1)
-  std = torch.tensor(model_lib.IMAGENET_STD).view(1, 3, 1, 1)
-  to_nchw = lambda x: (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - mean) / std
+  mean = torch.tensor(model_lib.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(model_lib.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+  to_nchw = lambda x: (torch.from_numpy(x).to(device).permute(0, 3, 1, 2).float() / 255
+                       - mean) / std
   roles = [to_nchw(batch["images"][:, r]) for r in range(3)]
   hires = [to_nchw(batch["hires"][:, r]) for r in range(3)]
-  attrs = torch.from_numpy(batch["attribute"]).long()
+  attrs = torch.from_numpy(batch["attribute"]).long().to(device)
+  cast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast)
   frame, hires_size, local = config.data.image_size, config.data.hires_size, m.local_size
 
   def crops(attmaps, views):
@@ -151,17 +188,20 @@ def torch_runner(config):
   def run():
     net.train()
     opt.zero_grad()
-    glob = [net(x, attrs, "global") for x in roles]
-    loss = ttr.triplet_loss(*[g[0] for g in glob], config.train.margin)
-    if joint:
-      loc = [net(c, attrs, "local")[0]
-             for c in crops([g[1].detach() for g in glob], hires)]
-      w = config.train.loss_weights
-      loss = (w.global_triplet * loss + w.local_triplet * ttr.triplet_loss(
-          *loc, config.train.margin) + w.alignment * ttr.alignment_loss(
-              [g[0] for g in glob], loc))
+    with cast:
+      glob = [net(x, attrs, "global") for x in roles]
+      loss = ttr.triplet_loss(*[g[0] for g in glob], config.train.margin)
+      if joint:
+        loc = [net(c, attrs, "local")[0]
+               for c in crops([g[1].detach() for g in glob], hires)]
+        w = config.train.loss_weights
+        loss = (w.global_triplet * loss + w.local_triplet * ttr.triplet_loss(
+            *loc, config.train.margin) + w.alignment * ttr.alignment_loss(
+                [g[0] for g in glob], loc))
     loss.backward()
     opt.step()
+    if torch.device(device).type == "cuda":
+      torch.cuda.synchronize()   # the step's time, not its launch's
 
   run()   # warm-up
   return run, 0.0
@@ -173,11 +213,11 @@ def bench(size, stages):
   runs = {}
   for stage in stages:
     for path in _PATHS.value:
-      if path == "torch" and stage == "extend":
+      if path in TORCH_PATHS and stage == "extend":
         continue   # no PyTorch counterpart
       config = get_config(size, stage)
-      runs[stage, path] = (torch_runner(config) if path == "torch"
-                           else jax_runner(config, path == "fast"))
+      runs[stage, path] = (torch_runner(config, _TORCH_DEVICE.value, path == "torch_bf16")
+                           if path in TORCH_PATHS else jax_runner(config, path == "fast"))
   times = {k: [] for k in runs}
   for _ in range(_STEPS.value):
     for key, (run, _) in runs.items():
@@ -196,7 +236,7 @@ def bench(size, stages):
             f"w={config.model.width:<6}{path:<6} compile {compile_s:6.1f}s  step "
             f"{t * 1e3:8.1f} ms  {config.train.batch_size / t:7.2f} triplets/s", flush=True)
     for path in _PATHS.value:
-      if path != "torch" and (stage, "torch") in runs and (stage, path) in runs:
+      if path not in TORCH_PATHS and (stage, "torch") in runs and (stage, path) in runs:
         print(f"{'':18}{path}: {med[stage, 'torch'] / med[stage, path]:.2f}x the PyTorch "
               "step's speed", flush=True)
       if stage == "extend" and (stage, path) in runs and ("joint", path) in runs:
@@ -205,6 +245,11 @@ def bench(size, stages):
     if (stage, "fast") in runs and (stage, "xla") in runs:
       print(f"{'':18}fast: {med[stage, 'xla'] / med[stage, 'fast']:.2f}x the xla path's speed",
             flush=True)
+  return [{"size": size, "stage": stage, "path": path, "batch_size": _BATCH.value,
+           "dtype": _DTYPE.value, "step_s": med[stage, path],
+           "steps_per_s": 1 / med[stage, path], "triplets_per_s": _BATCH.value / med[stage, path],
+           "compile_s": run[1], **getattr(run[0], "info", {})}
+          for (stage, path), run in runs.items()]
 
 
 def main(argv):
@@ -212,8 +257,12 @@ def main(argv):
   print(f"JAX {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}, "
         f"batch {_BATCH.value} triplets, {_DTYPE.value}, bn_stats {_BN_STATS.value}, median of "
         f"{_STEPS.value} steps; allocator {os.environ.get(allocator.ENV, 'system')}", flush=True)
-  for size in _SIZES.value:
-    bench(size, _STAGES.value)
+  results = [r for size in _SIZES.value for r in bench(size, _STAGES.value)]
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"jax": jax.__version__, "device": jax.devices()[0].device_kind,
+                 "backend": jax.default_backend(), "steps": _STEPS.value,
+                 "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
