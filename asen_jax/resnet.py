@@ -21,6 +21,9 @@ ARCHS = {
     "resnet50": ((3, 4, 6, 3), "bottleneck"),
 }
 BASE_PLANES = (64, 128, 256, 512)
+# On the CPU a training batch whose roles' stem maps are this large runs one trunk pass per role;
+# below it the passes cost more to compile than they save.
+SPLIT_ROLES_MIN_BYTES = 1 << 20
 
 # torchvision initialises convs with kaiming_normal(fan_out, relu).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -179,7 +182,11 @@ class ResNet(nn.Module):
     block_cls = Bottleneck if self.block == "bottleneck" else BasicBlock
     # On the CPU each role runs the trunk on its own, as the official trainer's three forwards:
     # the same numbers, with a third of the activations live at a time.
-    split = train and self.bn_roles > 1 and cpu_ops.use_custom(self.fast)
+    b, h, w, _ = x_bhwc.shape
+    stem_bytes = (b // max(self.bn_roles, 1) * -(-h // 2) * -(-w // 2)
+                  * scaled_channels(64, self.width) * jnp.dtype(self.dtype).itemsize)
+    split = (train and self.bn_roles > 1 and cpu_ops.use_custom(self.fast)
+             and stem_bytes >= SPLIT_ROLES_MIN_BYTES)
     roles = 1 if split else self.bn_roles
     stem = Conv(scaled_channels(64, self.width), (7, 7), (2, 2), _pad(7), self.dtype, self.fast,
                 name="conv1")

@@ -108,7 +108,8 @@ def test_max_pool_forward_and_gradients_equal_xla(size):
 
 
 @pytest.mark.parametrize("name,roles,stride", [("resnet50", 3, 16), ("resnet34", 1, 8)])
-def test_whole_trunk_gradients_equal_autodiff(name, roles, stride):
+def test_whole_trunk_gradients_equal_autodiff(name, roles, stride, monkeypatch):
+  monkeypatch.setattr(resnet, "SPLIT_ROLES_MIN_BYTES", 0)   # one trunk pass per role, as at scale
   # In float64: a small random trunk is so ill-conditioned that in float32 its own autodiff
   # gradients move by percents when the input moves by 1e-7, which would hide nothing and
   # prove nothing. The ops are the same code in both precisions.
@@ -136,7 +137,8 @@ def data_root(tmp_path_factory):
   return make_data(tmp_path_factory)
 
 
-def test_three_training_steps_equal_the_xla_gradient_path(data_root):
+def test_three_training_steps_equal_the_xla_gradient_path(data_root, monkeypatch):
+  monkeypatch.setattr(resnet, "SPLIT_ROLES_MIN_BYTES", 0)   # one trunk pass per role, as at scale
   config = tiny_config(data_root, "joint", {"model.width": 0.25})
   info, model, tx, joint = trainer.build(config)
   state0 = jax.device_get(trainer.init_state(config, model, tx, joint, info=info))

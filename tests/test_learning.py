@@ -1,4 +1,4 @@
-"""Learning (issue 4): ~300 steps of the synthetic config's global stage learn from scratch.
+"""Learning (issue 4): 400 steps of the synthetic config's global stage learn from scratch.
 
 The training loss must fall by at least 30% (mean of the first 20 logged losses against the
 last 20) and the validation MAP must end at least 10 points above the exact MAP of a random
@@ -19,7 +19,7 @@ from asen_jax.data import synthetic
 from configs import synthetic as synthetic_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 300
+STEPS = 400
 WINDOW = 20   # logged losses compared at each end
 
 
