@@ -5,6 +5,8 @@
   python search.py build ... --images photos/ (image files or folders, searched recursively)
   python search.py add --index DIR --images new/
   python search.py remove --index DIR --images old.jpg
+  python search.py extend --index DIR --config configs/synthetic.py:joint --checkpoint runs/ext
+      (the attributes that a train.py ...:extend checkpoint added; the others are not re-embedded)
   python search.py query --index DIR --image q.jpg --attribute neckline --top_k 10 [--json]
       [--picture out.png]
 
@@ -23,12 +25,13 @@ from ml_collections import config_flags
 
 from asen_jax import cli
 
-COMMANDS = ("build", "add", "remove", "query")
+COMMANDS = ("build", "add", "remove", "extend", "query")
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "configs/<dataset>.py:<stage> (build; add/query default to the index's).",
+    "config", None, "configs/<dataset>.py:<stage> (build, extend; add/query default to the "
+    "index's).",
     lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoint folder or .pth.tar "
-                                  "(build; add/query default to the index's).")
+                                  "(build, extend; add/query default to the index's).")
 _INDEX = flags.DEFINE_string("index", None, "Index folder.")
 _SPLIT = flags.DEFINE_enum("split", None, ["valid", "test"], "build: index this dataset split.")
 _IMAGES = flags.DEFINE_list("images", None, "build/add/remove: image files or folders.")
@@ -75,6 +78,11 @@ def run(command):
     n = service.add(_INDEX.value, _IMAGES.value, config=_CONFIG.value,
                     checkpoint=_CHECKPOINT.value, batch_size=_BATCH.value)
     print(f"Added {n} images to {_INDEX.value}.")
+  elif command == "extend":
+    _require("config", "checkpoint")
+    new = service.extend(_INDEX.value, _CONFIG.value, _CHECKPOINT.value, batch_size=_BATCH.value)
+    print(f"Indexed {', '.join(new)} in {_INDEX.value}; its other attributes were kept as they "
+          "were.")
   elif command == "remove":
     _require("images")
     print(f"Removed {service.remove(_INDEX.value, _IMAGES.value)} images from {_INDEX.value}.")

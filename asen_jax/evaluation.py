@@ -108,12 +108,15 @@ class Embedded:
   gt_box: np.ndarray    # ground-truth box in [0, 1] view coordinates, -1 when unknown
 
 
-def embed_split(config, variables, embed_fn, mesh, split, desc=None):
-  """(queries, candidates): every line of a split's two files, each image loaded and run
-  through the backbones once (eval.batch_size images a step)."""
+def embed_split(config, variables, embed_fn, mesh, split, desc=None, attributes=None):
+  """(queries, candidates): every line of a split's two files (or those of `attributes`,
+  indices), each image loaded and run through the backbones once (eval.batch_size images a
+  step)."""
   batch_size = config.eval.batch_size
   parallel.check_batch_size(batch_size, "eval.batch_size", mesh)
   files = [builder.eval_lines(config, split, which) for which in ("query", "candidate")]
+  if attributes is not None:
+    files = [f[np.isin(f[:, 1], attributes)] for f in files]
   table = np.concatenate(files)
   devices, per_device = mesh.size, batch_size // mesh.size   # images of a step, of a device
   per_process = devices // jax.process_count()                # devices of a process

@@ -2,6 +2,7 @@
 import functools
 import os
 
+import faiss
 import jax
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from asen_jax import model as model_lib
 from asen_jax import parallel
 from asen_jax import trainer
 from asen_jax.data import builder
+from asen_jax.search import embedder as embedder_lib
+from asen_jax.search import service
+from asen_jax.search import store
 from tests.tiny_synthetic import make_data, tiny_config
 
 HELD_OUT = ("button",)
@@ -54,11 +58,19 @@ def _embed(config, path):
       np.asarray(info.attributes)[emb.attribute], emb.image_id, emb.value, emb.emb)}
 
 
-def test_extend_trains_new_rows_only_and_keeps_old_embeddings_bitwise(old_run, tmp_path):
-  root, old, path = old_run
-  workdir = str(tmp_path / "ext")
+@pytest.fixture(scope="module")
+def extended(old_run, tmp_path_factory):
+  """The old checkpoint extended by `button`: two steps, the second after a resume."""
+  root, _, path = old_run
+  workdir = str(tmp_path_factory.mktemp("extended") / "ext")
   _extend(root, workdir, path, 1)
   config, state = _extend(root, workdir, path, 2)   # resumes at step 1
+  return config, state, workdir
+
+
+def test_extend_trains_new_rows_only_and_keeps_old_embeddings_bitwise(old_run, extended):
+  root, old, path = old_run
+  config, state, workdir = extended
   assert int(state.step) == 2
   source, _ = ckpt_lib.load_model(path)
   table, old_table = (np.asarray(t["attr_embedding"]["embedding"])
@@ -136,3 +148,47 @@ def test_step_computes_no_backbone_gradient(old_run):
   jstep = str(jax.make_jaxpr(functools.partial(trainer.train_step, model=jmodel, tx=jtx,
                                                config=joint, joint=True))(jstate, batch))
   assert jstep.count("conv_general_dilated") > 2 * forward.count("conv_general_dilated")
+
+
+def _stored(faiss_ix, items):
+  """{path: vector} of a flat index."""
+  ids = faiss.vector_to_array(faiss_ix.id_map)
+  return {items[i]: v for i, v in zip(ids, faiss_ix.index.reconstruct_n(0, faiss_ix.ntotal))}
+
+
+def test_search_index_takes_the_new_attribute_without_reembedding_the_old(
+    old_run, extended, tmp_path, monkeypatch):
+  root, old, path = old_run
+  config, _, workdir = extended
+  index_dir = str(tmp_path / "index")
+  before = service.build(old, path, index_dir, {"kind": "flat"}, split="test")
+  asked = []
+  embed = embedder_lib.Embedder.embed_split_candidates
+  monkeypatch.setattr(embedder_lib.Embedder, "embed_split_candidates",
+                      lambda self, *a: asked.append(a) or embed(self, *a))
+  assert service.extend(index_dir, config, workdir) == ["button"]
+  button = builder.dataset_info(config).attributes.index("button")
+  assert asked == [("test", [button])]   # only the new attribute's lines were embedded
+  after = store.read(index_dir)
+  assert after.attributes == before.attributes + ["button"]
+  for old_ix, new_ix in zip(before.indexes, after.indexes):
+    assert np.array_equal(faiss.serialize_index(old_ix), faiss.serialize_index(new_ix))
+  # The new attribute's index holds what a full build with the extended model holds.
+  monkeypatch.undo()
+  full = service.build(config, workdir, str(tmp_path / "full"), {"kind": "flat"}, split="test")
+  got = _stored(after.indexes[-1], after.items)
+  want = _stored(full.indexes[full.attributes.index("button")], full.items)
+  assert sorted(got) == sorted(want) and len(got) > 0
+  for p, v in want.items():
+    np.testing.assert_allclose(got[p], v, atol=1e-5)
+  with pytest.raises(ValueError, match="has no attribute that the index"):
+    service.extend(index_dir, config, workdir)
+  # Another model (one weight moved) would change the old embeddings: refused, before embedding.
+  store.write(before, str(tmp_path / "index_old"))
+  variables, meta = ckpt_lib.load_model(workdir)
+  leaves, treedef = jax.tree.flatten(variables)
+  leaves[-1] = leaves[-1] + np.float32(1e-3)   # a head weight (params sort after batch_stats)
+  other = str(tmp_path / "other")
+  ckpt_lib.save_model_variables(other, jax.tree.unflatten(treedef, leaves), meta)
+  with pytest.raises(ValueError, match="is not the index's model"):
+    service.extend(str(tmp_path / "index_old"), config, other)

@@ -98,11 +98,22 @@ class Embedder:
       raise ValueError(f"{checkpoint} has {meta['num_attributes']} attributes but the config "
                        f"names {len(self.attributes)}; use the config of its dataset.")
     self.config, self.checkpoint, self.joint = config, checkpoint, joint
+    self._host_variables = variables
     self.fingerprint = fingerprint(variables, config, self.attributes, joint)
     self.mesh = parallel.make_mesh()
     self.variables = parallel.replicate(self.mesh, variables)
     self.embed_fn = evaluation.make_embed_fn(config, model, joint, self.mesh)
     self.dim = model.embed_dim * (2 if joint else 1)
+
+  def fingerprint_of(self, names):
+    """The fingerprint this model would have with only the attributes `names` (its table's rows
+    of them, in that order): an index built for those attributes by a model that shared every
+    other weight and those rows has it."""
+    rows = np.asarray([self.attribute_index(n) for n in names])
+    params = dict(self._host_variables["params"])
+    params["attr_embedding"] = {"embedding": np.asarray(
+        params["attr_embedding"]["embedding"])[rows]}
+    return fingerprint({**self._host_variables, "params": params}, self.config, names, self.joint)
 
   def attribute_index(self, name):
     if name not in self.attributes:
@@ -121,12 +132,14 @@ class Embedder:
                                      len(attrs)), np.tile(attrs, n))
     return tuple(o.reshape((n, len(attrs)) + o.shape[1:]) for o in outs)
 
-  def embed_files(self, paths, batch_size=None, desc="embedding"):
-    """float32 [n, A, d]: every file's embedding for every attribute, `batch_size` images a step
-    (default eval.batch_size; the last batch padded so that nothing compiles twice)."""
+  def embed_files(self, paths, batch_size=None, desc="embedding", attributes=None):
+    """float32 [n, A, d]: every file's embedding for every attribute (or for `attributes`,
+    indices), `batch_size` images a step (default eval.batch_size; the last batch padded so
+    that nothing compiles twice)."""
     batch_size = batch_size or self.config.eval.batch_size
     parallel.check_batch_size(batch_size, "eval.batch_size", self.mesh)
-    all_attrs = np.arange(len(self.attributes), dtype=np.int32)
+    all_attrs = np.asarray(range(len(self.attributes)) if attributes is None else attributes,
+                           np.int32)
     out = np.zeros((len(paths), len(all_attrs), self.dim), np.float32)
     threads = max(1, min(8, os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -149,9 +162,10 @@ class Embedder:
     emb, attmap, box = self.embed_views(view[None], hires[None], [attribute])
     return emb[0, 0], attmap[0, 0], box[0, 0] / float(self.config.data.image_size), view
 
-  def embed_split_candidates(self, split):
-    """evaluation.embed_split's candidate lines of a split (image ids, attributes, embeddings)."""
+  def embed_split_candidates(self, split, attributes=None):
+    """evaluation.embed_split's candidate lines of a split (image ids, attributes, embeddings),
+    of every attribute or of `attributes` (indices)."""
     parallel.process0_first(lambda: data_lib.prepare_dataset(self.config), "prepare_dataset")
     _, cands = evaluation.embed_split(self.config, self.variables, self.embed_fn, self.mesh,
-                                      split, desc=f"embedding {split}")
+                                      split, desc=f"embedding {split}", attributes=attributes)
     return cands

@@ -37,19 +37,30 @@ def load_embedder(index, where, config=None, checkpoint=None):
   return emb
 
 
-def _split_catalog(config, emb, split):
-  """(paths, image ids, {attribute: (item ids, vectors)}) of a split's candidate lines."""
+def _split_catalog(config, emb, split, attributes=None, items=()):
+  """(paths, image ids, {attribute: (item ids, vectors)}) of a split's candidate lines, of every
+  attribute or of `attributes` (indices); images already among `items` (paths) keep their ids,
+  the others are numbered after them."""
   folder = os.path.join(config.data.root, config.data.folder)
   with open(os.path.join(folder, f"filenames_{split}.txt")) as f:
     names = [line.strip() for line in f]
-  cands = emb.embed_split_candidates(split)
+  cands = emb.embed_split_candidates(split, attributes)
   image_ids = list(dict.fromkeys(cands.image_id.tolist()))
-  item_of = {fid: i for i, fid in enumerate(image_ids)}
+  paths = [os.path.abspath(os.path.join(folder, names[f])) for f in image_ids]
+  item_of_path = {p: i for i, p in enumerate(items) if p is not None}
+  new = [(f, p) for f, p in zip(image_ids, paths) if p not in item_of_path]
+  item_of_path.update({p: len(items) + i for i, (_, p) in enumerate(new)})
+  item_of = {f: item_of_path[p] for f, p in zip(image_ids, paths)}
   per_attr = {}
-  for a in range(len(emb.attributes)):
+  for a in (range(len(emb.attributes)) if attributes is None else attributes):
     rows = np.flatnonzero(cands.attribute == a)
     per_attr[a] = (np.array([item_of[f] for f in cands.image_id[rows]], np.int64), cands.emb[rows])
-  return [os.path.abspath(os.path.join(folder, names[f])) for f in image_ids], image_ids, per_attr
+  return [p for _, p in new], [f for f, _ in new], per_attr
+
+
+def model_columns(index, emb):
+  """Per index attribute (by name), its position in the model's attributes."""
+  return [emb.attribute_index(name) for name in index.attributes]
 
 
 def build(config, checkpoint, index_dir, spec_args, *, split=None, images=None, nprobe=16,
@@ -104,11 +115,62 @@ def add(index_dir, images, *, config=None, checkpoint=None, batch_size=None, bef
   emb = load_embedder(index, index_dir, config, checkpoint)
   vectors = emb.embed_files(paths, batch_size)
   ids = np.arange(len(index.items), len(index.items) + len(paths), dtype=np.int64)
-  for a, faiss_ix in enumerate(index.indexes):
+  for a, faiss_ix in zip(model_columns(index, emb), index.indexes):
     faiss_index.add(faiss_ix, vectors[:, a], ids)
   index.meta["items"] = index.items + paths
   store.write(index, index_dir, before_commit)
   return len(paths)
+
+
+def extend(index_dir, config, checkpoint, *, batch_size=None, before_commit=None):
+  """Adds the attributes that an `extend` checkpoint has and the index lacks, embedding the
+  catalog for them only; the old attributes' indexes stay as they are. The checkpoint must hold
+  the index's model for its attributes (every weight and their table rows), which the
+  fingerprint checks. Returns the names added."""
+  index = store.read(index_dir)
+  emb = embedder_lib.Embedder(config, checkpoint)
+  missing = [a for a in index.attributes if a not in emb.attributes]
+  if missing:
+    raise ValueError(f"{checkpoint} has no attribute {missing[0]!r}, which the index "
+                     f"{index_dir} holds; extend the index with a checkpoint that `train.py "
+                     "...:extend` made from the index's model.")
+  new = [a for a in emb.attributes if a not in index.attributes]
+  if not new:
+    raise ValueError(f"{checkpoint} has no attribute that the index {index_dir} lacks "
+                     f"({', '.join(index.attributes)}); to index new images, use "
+                     "`search.py add`.")
+  if emb.fingerprint_of(index.attributes) != index.meta["fingerprint"]:
+    raise ValueError(f"{checkpoint} is not the index's model ({index.meta['checkpoint']}) with "
+                     f"attributes added: weights or embedding settings of {index_dir}'s "
+                     "attributes differ, so their embeddings would change; build a new index "
+                     "with `search.py build`.")
+  spec = faiss_index.IndexSpec(**index.meta["spec"])
+  columns = [emb.attribute_index(a) for a in new]
+  catalog = index.meta["catalog"]
+  if "split" in catalog:
+    builder.prepare_dataset(config)
+    paths, image_ids, per_attr = _split_catalog(config, emb, catalog["split"], columns,
+                                                index.items)
+    catalog["image_ids"] = catalog["image_ids"] + image_ids
+  else:
+    live = index.live_items()
+    vectors = emb.embed_files([p for _, p in live], batch_size, attributes=columns)
+    ids = np.array([i for i, _ in live], np.int64)
+    paths, per_attr = [], {a: (ids, vectors[:, j]) for j, a in enumerate(columns)}
+  for name, a in zip(new, columns):
+    ids, vectors = per_attr[a]
+    if len(vectors) < faiss_index.min_train_vectors(spec):
+      raise ValueError(f"The {spec.kind} index needs at least "
+                       f"{faiss_index.min_train_vectors(spec)} images of {name!r} to train, the "
+                       f"catalog has {len(vectors)}; build a flat or sq8 index.")
+    index.indexes.append(faiss_index.build(spec, vectors, ids))
+  index.meta.update(attributes=index.attributes + new, items=index.items + paths,
+                    extended_from={"fingerprint": index.meta["fingerprint"],
+                                   "checkpoint": index.meta["checkpoint"]},
+                    fingerprint=emb.fingerprint, checkpoint=os.path.abspath(checkpoint),
+                    config=config.to_json_best_effort())
+  store.write(index, index_dir, before_commit)
+  return new
 
 
 def remove(index_dir, images):
@@ -147,7 +209,8 @@ class Searcher:
       raise ValueError(f"--top_k={top_k} must be at least 1.")
     emb, attmap, box, view = self.embedder.embed_query(os.path.abspath(image_path), a)
     nprobe = self.index.meta["nprobe"] if nprobe is None else nprobe
-    scores, ids = faiss_index.search(self.index.indexes[a], emb[None], top_k, nprobe)
+    faiss_ix = self.index.indexes[self.index.attributes.index(attribute)]
+    scores, ids = faiss_index.search(faiss_ix, emb[None], top_k, nprobe)
     results = [{"rank": r + 1, "score": float(s), "path": self.index.items[i]}
                for r, (s, i) in enumerate(zip(scores[0], ids[0])) if i >= 0]
     return results, {"attmap": attmap, "box": box, "view": view}
