@@ -4,7 +4,7 @@
       [--demo_dir runs/demo]
 
 Per held-out attribute: the split files without it, the backbone stand-in pretrained without it,
-stages 1 and 2 on the other attributes, then `extend` (240 steps, a fifth of the demo's 1,200)
+stages 1 and 2 on the other attributes, then `extend` (360 steps, a fifth of the demo's 1,800)
 adds it; its test MAP is set against a random ranking and the five-attribute demo model (run
 by demo.py into --demo_dir first when its results.json is missing). Reuses finished steps.
 """
