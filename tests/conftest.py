@@ -20,3 +20,12 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # grain worker processes and absl-based modules expect parsed flags.
 if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
+
+# The longest files first, so that pytest-xdist's two workers (`-n 2 --dist loadfile`) end together.
+LONGEST_FIRST = ("test_gpu_check.py", "test_multiprocess.py", "test_learning.py", "test_train.py",
+                 "test_faults.py", "test_train_parity.py", "test_cpu_ops.py", "test_extend.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: same order else
