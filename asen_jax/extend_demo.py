@@ -17,9 +17,20 @@ def folder_without(held_out):
   return "Synthetic_without_" + "_".join(held_out)
 
 
+def _write_if_changed(path, text):
+  # An unchanged file keeps its mtime, so a rerun finds its built dataset still current.
+  if os.path.isfile(path):
+    with open(path) as f:
+      if f.read() == text:
+        return
+  with open(path, "w") as f:
+    f.write(text)
+
+
 def write_without(src, dst, held_out):
   """Writes the official layout of `src` (a synthetic folder) into `dst` without the attributes
-  `held_out` (names); image paths point into `src`. Returns dst."""
+  `held_out` (names); image paths point into `src`; files already as they would be are left
+  alone. Returns dst."""
   with open(os.path.join(src, "meta.json")) as f:
     meta = json.load(f)
   names = meta["attributes"]
@@ -34,24 +45,25 @@ def write_without(src, dst, held_out):
   for fname in SPLIT_FILES:
     with open(os.path.join(src, fname)) as f:
       lines = [line.strip() for line in f if line.strip()]
-    with open(os.path.join(dst, fname), "w") as f:
-      f.write("".join(f"{rel}/{line}\n" for line in lines))
-  with open(os.path.join(src, "label_train.txt")) as f, \
-       open(os.path.join(dst, "label_train.txt"), "w") as out:
+    _write_if_changed(os.path.join(dst, fname), "".join(f"{rel}/{line}\n" for line in lines))
+  out = []
+  with open(os.path.join(src, "label_train.txt")) as f:
     for line in f:
       fid, *pairs = line.split()
       kept = [f"{new_index[int(a)]} {v}" for a, v in zip(pairs[::2], pairs[1::2])
               if int(a) in new_index]
       if kept:
-        out.write(f"{fid} {' '.join(kept)}\n")
+        out.append(f"{fid} {' '.join(kept)}\n")
+  _write_if_changed(os.path.join(dst, "label_train.txt"), "".join(out))
   for kind in ("query", "candidate"):
     for split in ("valid", "test"):
-      with open(os.path.join(src, f"{kind}_{split}.txt")) as f, \
-           open(os.path.join(dst, f"{kind}_{split}.txt"), "w") as out:
+      out = []
+      with open(os.path.join(src, f"{kind}_{split}.txt")) as f:
         for line in f:
           fid, a, v = line.split()
           if int(a) in new_index:
-            out.write(f"{fid} {new_index[int(a)]} {v}\n")
+            out.append(f"{fid} {new_index[int(a)]} {v}\n")
+      _write_if_changed(os.path.join(dst, f"{kind}_{split}.txt"), "".join(out))
   sub = dict(meta, name=os.path.basename(dst), held_out=list(held_out))
   for field in ("attributes", "num_values", "value_names"):
     sub[field] = [meta[field][a] for a in keep]
@@ -60,8 +72,7 @@ def write_without(src, dst, held_out):
   sub["splits"] = {s: dict(v, labels=np.asarray(v["labels"])[:, keep].tolist(),
                            boxes=[[b[a] for a in keep] for b in v["boxes"]])
                    for s, v in meta["splits"].items()}
-  with open(os.path.join(dst, "meta.json"), "w") as f:
-    json.dump(sub, f, separators=(",", ":"))
+  _write_if_changed(os.path.join(dst, "meta.json"), json.dumps(sub, separators=(",", ":")))
   return dst
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from asen_jax import checkpoint as ckpt_lib
+from asen_jax import data as data_lib
 from asen_jax import evaluation
 from asen_jax import extend
 from asen_jax import extend_demo
@@ -119,6 +120,18 @@ def test_plan_matches_names_not_positions(old_run):
   info = builder.DatasetInfo("synthetic", ("length", "button", "colour"), (2, 2, 2), ())
   plan = extend.make_plan(_meta(["colour", "length"]), info, old_run[1], "ckpt")
   assert (plan.old_rows, plan.new_ids, plan.joint) == ((1, -1, 0), (1,), True)
+
+
+def test_writing_the_folder_again_keeps_its_built_dataset(old_run):
+  """extend_demo.py run again (after a crash) rewrites the folder without `button`: the built
+  dataset must still count as current, not stop the rerun as stale data."""
+  root, old, _ = old_run
+  folder = os.path.join(root, extend_demo.folder_without(HELD_OUT))
+  data_lib.prepare_dataset(old, verbose=False)
+  before = builder.source_files(folder)
+  extend_demo.write_without(os.path.join(root, "Synthetic"), folder, HELD_OUT)
+  assert builder.source_files(folder) == before
+  data_lib.prepare_dataset(old, verbose=False)
 
 
 def test_step_computes_no_backbone_gradient(old_run):
