@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from asen_jax import runs
+
 SPLIT_FILES = ("filenames_train.txt", "filenames_valid.txt", "filenames_test.txt")
 
 
@@ -23,8 +25,7 @@ def _write_if_changed(path, text):
     with open(path) as f:
       if f.read() == text:
         return
-  with open(path, "w") as f:
-    f.write(text)
+  runs.write_atomic(path, text)
 
 
 def write_without(src, dst, held_out):

@@ -27,7 +27,8 @@ class Stopped(Exception):
   """SIGTERM or Ctrl-C ended a run after it saved what it had."""
 
 
-def _write_atomic(path, text):
+def write_atomic(path, text):
+  """Writes `text` to `path` through a temporary file: a crash leaves the old file or the new."""
   tmp = f"{path}.tmp-{os.getpid()}"
   with open(tmp, "w") as f:
     f.write(text)
@@ -106,8 +107,8 @@ def accept(workdir, config, init_from, resume_step):
         record.setdefault("changes", []).append(
             {"step": resume_step, "field": key, "was": old, "now": value})
   if jax.process_index() == 0:
-    _write_atomic(config_path, json.dumps(now, indent=2))
-    _write_atomic(record_path, json.dumps(record, indent=2))
+    write_atomic(config_path, json.dumps(now, indent=2))
+    write_atomic(record_path, json.dumps(record, indent=2))
 
 
 class MetricWriter:
@@ -129,7 +130,7 @@ class MetricWriter:
               kept.append(line if line.endswith("\n") else line + "\n")
           except (ValueError, KeyError, TypeError):
             pass   # a line cut short by a kill
-      _write_atomic(path, "".join(kept))
+      write_atomic(path, "".join(kept))
     self._jsonl = open(path, "a")
     # purge_step: TensorBoard drops the events after it that the interrupted run wrote.
     self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
